@@ -1,0 +1,3 @@
+from mnist_ann.cli import main
+
+main()

