@@ -12,8 +12,10 @@ from typing import Any
 import click
 
 from mnist_ann import __version__
+from mnist_ann.build import build_indexes, no_progress
 from mnist_ann.errors import InvalidArgument, MnistAnnError
 from mnist_ann.mnist import SPLIT_KINDS, Split, load_mnist, validate_source
+from mnist_ann.recipes import DEFAULT_RECIPES, resolve_recipe
 from mnist_ann.store import (
     Collection,
     ensure_collection,
@@ -71,6 +73,14 @@ store_option = click.option(
     help="Folder of collections [default: $MNIST_ANN_STORE or ./indexes].")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                              help="FAISS threads [default: all cores].")
+
+
+def progress_bars(quiet: bool) -> Callable[[str, int], Any]:
+    if quiet:
+        return no_progress
+    return lambda label, length: click.progressbar(length=length, label=label, file=sys.stderr)
 
 
 def source_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -114,21 +124,39 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
               help="Seed of the random split [default: 42].")
 @click.option("--collection", "collection_name", default=None,
               help="Collection name [default: the split's name].")
+@click.option("--index", "index_specs", multiple=True, metavar="RECIPE|NAME=FACTORY",
+              help="Index to build: flat, ivf, hnsw, or NAME=FACTORY with any FAISS factory "
+                   "string; repeatable [default: flat, ivf, hnsw].")
+@click.option("--force", is_flag=True, help="Rebuild indexes that are already current.")
+@threads_option
 @source_option
 @store_option
 @quiet_option
 @json_option
 @library_errors
 def build(split_kind: str, test_size: float | None, random_state: int | None,
-          collection_name: str | None, source: str, store: Path | None, quiet: bool,
+          collection_name: str | None, index_specs: tuple[str, ...], force: bool,
+          threads: int | None, source: str, store: Path | None, quiet: bool,
           as_json: bool) -> None:
-    """Write a split of MNIST as a collection of Parquet tables."""
+    """Write a split of MNIST as a collection and build its FAISS indexes."""
     log = stderr_log(quiet)
     split = Split.make(split_kind, test_size, random_state)
+    specs = index_specs or DEFAULT_RECIPES
+    n_train = len(split.ids()[0])
+    for spec in specs:  # refuse a bad recipe before anything is fetched or written
+        resolve_recipe(spec, n_train)
     store_path = resolve_store(store)
     name = collection_name or split.default_name
     collection = ensure_collection(store_path, name, split, source, log)
-    emit(collection.summary(), as_json, render_collection)
+    recipes = [resolve_recipe(spec, collection.manifest["rows"]["train"]) for spec in specs]
+    results = build_indexes(collection, recipes, threads, force, log, progress_bars(quiet))
+    rows = [{"index": r.name, "status": r.status, "factory": r.entry["factory"],
+             "ntotal": r.entry["ntotal"], "build_seconds": r.entry["build_seconds"],
+             "megabytes": round(r.entry["bytes"] / 1e6, 1)} for r in results]
+    if as_json:
+        emit({"collection": collection.summary(), "indexes": rows}, True)
+    else:
+        click.echo(format_table(rows, list(rows[0])))
 
 
 def render_collection(summary: dict) -> str:
@@ -136,8 +164,13 @@ def render_collection(summary: dict) -> str:
              f"  split: {summary['split']}",
              f"  rows: {summary['rows']['train']:,} train / {summary['rows']['test']:,} test",
              f"  source: {summary['source']}"]
-    for filename, record in summary["files"].items():
-        lines.append(f"  {filename}: {record['bytes'] / 1e6:.1f} MB")
+    for filename in ("train.parquet", "test.parquet"):
+        lines.append(f"  {filename}: {summary['files'][filename]['bytes'] / 1e6:.1f} MB")
+    for name, entry in summary["indexes"].items():
+        lines.append(f"  index {name}: {entry['factory']} ({entry['recipe']}), "
+                     f"{entry['ntotal']:,} vectors, {entry['bytes'] / 1e6:.1f} MB, built in "
+                     f"{entry['build_seconds']:.1f} s with {entry['threads']} threads "
+                     f"[{entry['file']}]")
     return "\n".join(lines)
 
 

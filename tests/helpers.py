@@ -76,3 +76,45 @@ def tree(folder: Path) -> dict[str, bytes]:
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+def clustered_digits(n: int, seed: int = 0, n_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic uint8 'digits' [n, 784] with labels: class centres plus low-dimensional noise.
+
+    Their intrinsic dimension is low, like MNIST's, so approximate search can reach high recall.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n).astype(np.uint8)
+    centres = rng.uniform(40, 215, (n_classes, 784))
+    basis = rng.normal(0, 1, (12, 784))
+    latent = rng.normal(0, 6, (n, 12))
+    pixels = centres[labels] + latent @ basis
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), labels
+
+
+def exact_knn(train: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force squared L2 in int64, ordered by (distance, training row)."""
+    t = train.astype(np.int64)
+    q = queries.astype(np.int64)
+    distances = (q * q).sum(1)[:, None] + (t * t).sum(1)[None, :] - 2 * q @ t.T
+    order = np.lexsort((np.broadcast_to(np.arange(len(t)), distances.shape), distances), axis=1)
+    order = order[:, :k]
+    return np.take_along_axis(distances, order, 1), order
+
+
+def make_collection(store: Path, name: str, images: np.ndarray, labels: np.ndarray,
+                    test_size: float = 0.1):
+    """A collection over synthetic data, split like the seed split."""
+    from mnist_ann.mnist import Dataset, Split
+    from mnist_ann.store import create_collection
+
+    return create_collection(store, name, Dataset(images, labels, "synthetic"),
+                             Split.make("seed", test_size, 0), lambda message: None)
+
+
+def pair_distances(train: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact squared L2 between each query and its listed training rows (inf for id -1)."""
+    diffs = train[np.maximum(ids, 0)].astype(np.int64) - queries[:, None, :].astype(np.int64)
+    distances = (diffs * diffs).sum(-1).astype(np.float64)
+    distances[ids < 0] = np.inf
+    return distances
