@@ -56,9 +56,9 @@ def test_fetch_pypi_prints_fingerprint_then_uses_cache(isolated: Path) -> None:
 
 @pytest.mark.slow
 def test_build_seed_collection_has_the_studys_ids(warm_cache: Path, isolated: Path) -> None:
-    result = run_cli("build", "--split", "seed", "--json")
+    result = run_cli("build", "--split", "seed", "--index", "flat", "--json")
     assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
+    summary = json.loads(result.stdout)["collection"]
     assert summary["rows"] == {"train": 56_000, "test": 14_000}
     root = isolated / "store" / "seed"
     train, test = read_table(root / "train.parquet"), read_table(root / "test.parquet")
@@ -73,17 +73,20 @@ def test_build_seed_collection_has_the_studys_ids(warm_cache: Path, isolated: Pa
         assert manifest["files"][name]["bytes"] == (root / name).stat().st_size
     collection = Collection.open(isolated / "store", "seed")
     assert collection.train().labels is not None
-    again = run_cli("build", "--split", "seed")
+    again = run_cli("build", "--split", "seed", "--index", "flat")
     assert again.exit_code == 0 and "exists with that split; kept" in again.stderr
 
 
 @pytest.mark.slow
 def test_custom_split_and_standard_split_collections(warm_cache: Path, isolated: Path) -> None:
-    custom = run_cli("build", "--test-size", "0.25", "--random-state", "7", "--json")
-    assert json.loads(custom.stdout)["name"] == "seed-t0.25-r7"
-    assert json.loads(custom.stdout)["rows"] == {"train": 52_500, "test": 17_500}
-    standard = run_cli("build", "--split", "standard", "--collection", "std", "--json")
-    assert json.loads(standard.stdout)["rows"] == {"train": 60_000, "test": 10_000}
+    custom = run_cli("build", "--test-size", "0.25", "--random-state", "7", "--index", "flat",
+                     "--json")
+    assert json.loads(custom.stdout)["collection"]["name"] == "seed-t0.25-r7"
+    assert json.loads(custom.stdout)["collection"]["rows"] == {"train": 52_500, "test": 17_500}
+    standard = run_cli("build", "--split", "standard", "--collection", "std", "--index", "flat",
+                       "--json")
+    assert json.loads(standard.stdout)["collection"]["rows"] == {"train": 60_000,
+                                                                 "test": 10_000}
     listing = json.loads(run_cli("info", "--json").stdout)
     assert [c["name"] for c in listing] == ["seed-t0.25-r7", "std"]
     text = run_cli("info").stdout
