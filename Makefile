@@ -18,6 +18,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/mnist-ann fetch
 	$(BIN)/mnist-ann build --split seed
+	for index in flat ivf hnsw; do $(BIN)/mnist-ann query --collection seed --index $$index || exit 1; done
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check mnist_ann tests bench

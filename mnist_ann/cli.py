@@ -14,8 +14,11 @@ import click
 from mnist_ann import __version__
 from mnist_ann.build import build_indexes, no_progress
 from mnist_ann.errors import InvalidArgument, MnistAnnError
+from mnist_ann.metrics import WEIGHTS, confusion_matrix
 from mnist_ann.mnist import SPLIT_KINDS, Split, load_mnist, validate_source
+from mnist_ann.queries import check_output_path, read_queries, write_predictions
 from mnist_ann.recipes import DEFAULT_RECIPES, resolve_recipe
+from mnist_ann.search import KnnIndex
 from mnist_ann.store import (
     Collection,
     ensure_collection,
@@ -172,6 +175,90 @@ def render_collection(summary: dict) -> str:
                      f"{entry['build_seconds']:.1f} s with {entry['threads']} threads "
                      f"[{entry['file']}]")
     return "\n".join(lines)
+
+
+def parse_params(ctx: click.Context, param: click.Parameter,
+                 values: tuple[str, ...]) -> dict[str, str]:
+    parsed = {}
+    for value in values:
+        name, sep, setting = value.partition("=")
+        if not sep or not name or not setting:
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE (e.g. efSearch=64)", ctx, param)
+        parsed[name] = setting
+    return parsed
+
+
+collection_option = click.option("--collection", "collection_name", default="seed",
+                                  show_default=True, help="Collection in the store.")
+k_option = click.option("-k", "k", type=int, default=7, show_default=True,
+                        help="Neighbours that vote.")
+param_option = click.option("--param", "params", multiple=True, callback=parse_params,
+                            metavar="NAME=VALUE",
+                            help="Search parameter, e.g. efSearch=64 or nprobe=16; repeatable "
+                                 "[default: the recipe's].")
+
+
+@main.command()
+@collection_option
+@click.option("--index", "index_name", default="flat", show_default=True,
+              help="Index of the collection to search.")
+@k_option
+@param_option
+@click.option("--weights", type=click.Choice(WEIGHTS), default="uniform", show_default=True,
+              help="uniform: plurality vote; distance: votes weighted by 1/distance.")
+@click.option("--input", "input_path", type=click.Path(exists=True, path_type=Path),
+              default=None, help="Parquet table, .npy uint8 [n,784] or [n,28,28], IDX image "
+                                 "file, or folder of 28x28 grayscale PNGs [default: the "
+                                 "collection's test table].")
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False,
+                                                          path_type=Path),
+              default=None, help="IDX label file for an IDX image --input.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write predictions here (.parquet or .csv).")
+@click.option("--confusion", "confusion_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the confusion-matrix heatmap here (PNG).")
+@threads_option
+@store_option
+@quiet_option
+@json_option
+@library_errors
+def query(collection_name: str, index_name: str, k: int, params: dict, weights: str,
+          input_path: Path | None, labels_path: Path | None, output_path: Path | None,
+          confusion_path: Path | None, threads: int | None, store: Path | None, quiet: bool,
+          as_json: bool) -> None:
+    """Classify images by a vote of their k nearest neighbours in an index."""
+    log = stderr_log(quiet)
+    if output_path is not None:
+        check_output_path(output_path)
+    collection = Collection.open(resolve_store(store), collection_name)
+    queries = read_queries(input_path, collection, labels_path)
+    if confusion_path is not None and queries.labels is None:
+        raise click.UsageError("--confusion needs labelled queries")
+    log(f"loading index {index_name!r} of {collection_name!r} (checksum verified)")
+    index = KnnIndex(collection, index_name)
+    log(f"classifying {len(queries.pixels):,} images")
+    result = index.classify(queries.pixels, k, params, weights, threads)
+    summary = {"input": queries.description, "n": len(queries.pixels), "k": k,
+               "collection": collection_name, "index": index_name,
+               "factory": index.entry["factory"], "params": result.params, "weights": weights,
+               "seconds": round(result.seconds, 4),
+               "queries_per_second": round(len(queries.pixels) / result.seconds, 1),
+               "threads": result.threads}
+    if queries.labels is not None:
+        correct = int((result.predictions == queries.labels).sum())
+        summary |= {"accuracy": correct / len(queries.labels), "correct": correct}
+    if output_path is not None:
+        write_predictions(output_path, queries, result.predictions, result.neighbour_ids,
+                          result.neighbours.distances)
+        log(f"predictions written to {output_path}")
+    if confusion_path is not None:
+        from mnist_ann.plots import confusion_heatmap
+
+        matrix = confusion_matrix(queries.labels, result.predictions, len(index.classes))
+        confusion_heatmap(matrix, confusion_path, f"{collection_name} / {index_name}, k={k}: "
+                                                  f"accuracy {summary['accuracy']:.4f}")
+        log(f"confusion matrix written to {confusion_path}")
+    emit(summary, as_json)
 
 
 @main.command()

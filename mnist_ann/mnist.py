@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import socket
@@ -429,6 +430,11 @@ class Split:
             return np.arange(N_ORIGINAL_TRAIN), np.arange(N_ORIGINAL_TRAIN, N_ROWS)
         from sklearn.model_selection import train_test_split
 
+        n_test = math.ceil(self.test_size * n_rows)
+        if not 0 < n_test < n_rows:
+            raise InvalidArgument(f"test size {self.test_size} of {n_rows:,} rows leaves "
+                                  f"{n_test:,} test and {n_rows - n_test:,} training rows; "
+                                  "both must be at least 1")
         train, test = train_test_split(np.arange(n_rows), test_size=self.test_size,
                                        random_state=self.random_state)
         return np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64)

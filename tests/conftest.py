@@ -10,7 +10,10 @@ import pytest
 from helpers import fake_wheel
 
 import mnist_ann.mnist as mnist_module
-from mnist_ann.mnist import Dataset, default_cache_dir, load_mnist, write_cache
+from mnist_ann.build import build_indexes
+from mnist_ann.mnist import Dataset, Split, default_cache_dir, load_mnist, write_cache
+from mnist_ann.recipes import DEFAULT_RECIPES, resolve_recipe
+from mnist_ann.store import Collection, create_collection
 
 USER_CACHE = default_cache_dir()  # read before any test points MNIST_ANN_CACHE elsewhere
 
@@ -53,3 +56,31 @@ def mirror_wheel_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     return install
 
+
+
+def _real_collection(store: Path, mnist: Dataset, split: Split) -> Collection:
+    collection = create_collection(store, split.default_name, mnist, split, lambda m: None)
+    build_indexes(collection, [resolve_recipe(name, collection.manifest["rows"]["train"])
+                               for name in DEFAULT_RECIPES], threads=2)
+    return Collection.open(store, split.default_name)
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("real-store")
+
+
+@pytest.fixture(scope="session")
+def seed_collection(real_store: Path, mnist: Dataset) -> Collection:
+    """The study's seed split of the real MNIST with flat, ivf and hnsw built."""
+    return _real_collection(real_store, mnist, Split.make("seed"))
+
+
+@pytest.fixture(scope="session")
+def standard_collection(real_store: Path, mnist: Dataset) -> Collection:
+    return _real_collection(real_store, mnist, Split.make("standard"))
+
+
+@pytest.fixture(scope="session")
+def custom_collection(real_store: Path, mnist: Dataset) -> Collection:
+    return _real_collection(real_store, mnist, Split.make("seed", 0.25, 7))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import idx_bytes, mirror_pickle, write_idx_dir
+from helpers import assert_clean_error, idx_bytes, mirror_pickle, run_cli, write_idx_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -233,6 +233,10 @@ def test_standard_split_is_first_60000() -> None:
 @settings(max_examples=30)
 def test_custom_splits_partition_the_rows(test_size: float, seed: int, n_rows: int) -> None:
     split = Split.make("seed", test_size, seed)
+    if not 0 < np.ceil(test_size * n_rows) < n_rows:
+        with pytest.raises(InvalidArgument, match="both must be at least 1"):
+            split.ids(n_rows)
+        return
     train, test = split.ids(n_rows)
     assert len(np.intersect1d(train, test)) == 0
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(n_rows))
@@ -243,6 +247,10 @@ def test_custom_splits_partition_the_rows(test_size: float, seed: int, n_rows: i
 def test_test_size_outside_open_unit_interval(size: float) -> None:
     with pytest.raises(InvalidArgument, match="outside"):
         Split.make("seed", size)
+
+
+def test_test_size_that_leaves_no_training_row(isolated) -> None:
+    assert_clean_error(run_cli("build", "--test-size", "0.99999"), 2, "both must be at least 1")
 
 
 def test_split_names() -> None:

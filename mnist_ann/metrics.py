@@ -1,0 +1,56 @@
+"""Votes, accuracy, recall, confusion matrices and latency statistics: pure numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+WEIGHTS = ("uniform", "distance")
+
+
+def vote(neighbour_labels: np.ndarray, distances: np.ndarray, classes: np.ndarray,
+         weights: str = "uniform") -> np.ndarray:
+    """scikit-learn's k-NN vote over labels [n, k] with squared distances [n, k].
+
+    uniform: plurality; distance: weights 1/distance (Euclidean), and where a row has
+    neighbours at distance 0 only those count. A tie goes to the smallest label. Neighbours
+    with label -1 (not found) do not vote.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}")
+    one_hot = neighbour_labels[:, :, None] == classes[None, None, :]
+    if weights == "uniform":
+        scores = one_hot.sum(axis=1, dtype=np.float64)
+    else:
+        euclidean = np.sqrt(distances.astype(np.float64))
+        with np.errstate(divide="ignore"):
+            inverse = 1.0 / euclidean
+        exact_match = np.isinf(inverse)
+        rows = exact_match.any(axis=1)
+        inverse[rows] = exact_match[rows]
+        scores = (one_hot * inverse[:, :, None]).sum(axis=1)
+    return classes[np.argmax(scores, axis=1)]
+
+
+def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean(predicted == truth)) if len(truth) else float("nan")
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int = 10) -> np.ndarray:
+    """Counts [true label, predicted label]."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (truth.astype(np.int64), predicted.astype(np.int64)), 1)
+    return matrix
+
+
+def recall(found_distances: np.ndarray, true_distances: np.ndarray, k: int,
+           epsilon: float = 1e-3) -> float:
+    """ann-benchmarks' recall@k: a returned neighbour counts when its distance is at most the
+    true k-th distance plus epsilon, so that ties are not punished."""
+    threshold = true_distances[:, k - 1:k] + epsilon
+    return float((found_distances[:, :k] <= threshold).sum() / (len(true_distances) * k))
+
+
+def latency_summary(seconds: np.ndarray) -> dict:
+    """Percentiles of per-query latencies, in milliseconds."""
+    milliseconds = np.asarray(seconds) * 1e3
+    return {f"p{p}_ms": float(np.percentile(milliseconds, p)) for p in (50, 95, 99)}

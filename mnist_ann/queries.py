@@ -1,0 +1,133 @@
+"""Query inputs (tables, .npy, IDX, PNG folders) and prediction outputs (Parquet, CSV)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mnist_ann.errors import DataError, InvalidArgument
+from mnist_ann.fileio import atomic_path
+from mnist_ann.mnist import (
+    IDX_IMAGE_MAGIC,
+    IDX_LABEL_MAGIC,
+    N_PIXELS,
+    read_idx_file,
+    to_uint8_pixels,
+)
+from mnist_ann.store import Collection, read_table
+
+OUTPUT_SUFFIXES = (".parquet", ".csv")
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Images to classify: names (MNIST ids or file names), labels if known, uint8 pixels."""
+
+    names: np.ndarray
+    labels: np.ndarray | None
+    pixels: np.ndarray
+    description: str
+
+
+def _checked(pixels: np.ndarray, what: str) -> np.ndarray:
+    if pixels.ndim == 3 and pixels.shape[1:] == (28, 28):
+        pixels = pixels.reshape(len(pixels), N_PIXELS)
+    if pixels.ndim != 2 or pixels.shape[1] != N_PIXELS:
+        raise DataError(f"{what}: images have shape {list(pixels.shape)}; expected "
+                        f"[n, {N_PIXELS}] or [n, 28, 28]")
+    if len(pixels) == 0:
+        raise DataError(f"{what}: no images; give at least one")
+    if pixels.dtype == np.uint8:
+        return np.ascontiguousarray(pixels)
+    if not (np.issubdtype(pixels.dtype, np.number) and not np.iscomplexobj(pixels)):
+        raise DataError(f"{what}: pixels are {pixels.dtype}, expected numbers 0..255")
+    return to_uint8_pixels(pixels, what)
+
+
+def read_png_folder(folder: Path) -> Queries:
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    if not files:
+        raise DataError(f"{folder}: no .png images in the folder")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                if image.mode != "L" or image.size != (28, 28):
+                    raise DataError(f"{path.name}: {image.size[0]}x{image.size[1]} mode "
+                                    f"{image.mode}; expected a 28x28 8-bit grayscale PNG")
+                images.append(np.asarray(image, dtype=np.uint8).reshape(N_PIXELS))
+        except OSError as exc:
+            raise DataError(f"{path}: not a readable PNG ({exc})") from exc
+    return Queries(np.array([p.name for p in files]), None, np.stack(images), str(folder))
+
+
+def read_queries(source: Path | None, collection: Collection,
+                 labels_path: Path | None = None) -> Queries:
+    """Queries from the collection's test table (source None) or a file or folder."""
+    if source is None:
+        table = collection.test()
+        return Queries(table.ids, table.labels, table.pixels, f"{collection.name}/test.parquet")
+    if labels_path is not None and (source.is_dir() or source.suffix in (".parquet", ".npy")):
+        raise InvalidArgument("--labels goes with an IDX image file")
+    if source.is_dir():
+        return read_png_folder(source)
+    if not source.is_file():
+        raise DataError(f"{source}: no such file or folder")
+    if source.suffix == ".parquet":
+        table = read_table(source)
+        return Queries(table.ids, table.labels, _checked(table.pixels, str(source)),
+                       str(source))
+    if source.suffix == ".npy":
+        try:
+            array = np.load(source, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{source}: not a readable .npy array ({exc})") from exc
+        pixels = _checked(array, str(source))
+        return Queries(np.arange(len(pixels)), None, pixels, str(source))
+    pixels = _checked(read_idx_file(source, IDX_IMAGE_MAGIC), str(source))
+    labels = None
+    if labels_path is not None:
+        labels = read_idx_file(labels_path, IDX_LABEL_MAGIC)
+        if len(labels) != len(pixels):
+            raise DataError(f"{labels_path}: {len(labels)} labels for {len(pixels)} images")
+    return Queries(np.arange(len(pixels)), labels, pixels, str(source))
+
+
+def check_output_path(path: Path) -> None:
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise InvalidArgument(f"output {path} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise InvalidArgument(f"output folder {path.parent} does not exist")
+
+
+def write_predictions(path: Path, queries: Queries, predictions: np.ndarray,
+                      neighbour_ids: np.ndarray, distances: np.ndarray) -> None:
+    """One row per query: name, predicted label, true label if known, neighbours, distances."""
+    check_output_path(path)
+    shown = np.where(distances == np.iinfo(np.int64).max, -1, distances)
+    if path.suffix == ".parquet":
+        columns = {"query": pa.array(queries.names), "predicted": pa.array(predictions)}
+        if queries.labels is not None:
+            columns["label"] = pa.array(queries.labels)
+        columns["neighbors"] = pa.array(list(neighbour_ids), pa.list_(pa.int64()))
+        columns["distances"] = pa.array(list(shown), pa.list_(pa.int64()))
+        with atomic_path(path) as tmp:
+            pq.write_table(pa.table(columns), tmp)
+        return
+    k = neighbour_ids.shape[1]
+    header = ["query", "predicted", *(["label"] if queries.labels is not None else []),
+              *(f"neighbor_{i + 1}" for i in range(k)), *(f"distance_{i + 1}" for i in range(k))]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for i in range(len(predictions)):
+            label = [int(queries.labels[i])] if queries.labels is not None else []
+            writer.writerow([queries.names[i], int(predictions[i]), *label,
+                             *neighbour_ids[i].tolist(), *shown[i].tolist()])

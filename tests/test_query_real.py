@@ -1,0 +1,81 @@
+"""The query layer on the real MNIST: the original study reproduced exactly, ANN agreement."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import run_cli
+from sklearn.neighbors import KNeighborsClassifier
+
+from mnist_ann.search import KnnIndex
+from mnist_ann.store import Collection
+
+pytestmark = pytest.mark.slow
+
+
+def sklearn_knn(collection: Collection, k: int, weights: str = "uniform"):
+    train = collection.train()
+    # the study fitted OpenML's float64 pixels; the same values, so the same model
+    return KNeighborsClassifier(n_neighbors=k, weights=weights).fit(
+        train.pixels.astype(np.float64), train.labels)
+
+
+def test_flat_reproduces_the_study_exactly(seed_collection: Collection) -> None:
+    result = run_cli("query", "--store", seed_collection.root.parent, "--collection", "seed",
+                     "--index", "flat", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["accuracy"] == 0.9687142857142857
+    assert summary["correct"] == 13_562 and summary["n"] == 14_000
+    ours = KnnIndex(seed_collection, "flat").classify(seed_collection.test().pixels, k=7)
+    expected = sklearn_knn(seed_collection, 7).predict(
+        seed_collection.test().pixels.astype(np.float64))
+    np.testing.assert_array_equal(ours.predictions, expected)
+
+
+def test_flat_neighbour_lists_are_scikit_learns(seed_collection: Collection) -> None:
+    queries = seed_collection.test().pixels[:1500]
+    ours = KnnIndex(seed_collection, "flat").search(queries, 7)
+    model = sklearn_knn(seed_collection, 7)
+    distances, rows = model.kneighbors(queries.astype(np.float64))
+    np.testing.assert_array_equal(ours.distances, np.rint(distances ** 2).astype(np.int64))
+    # scikit-learn's final sort is not stable among equal distances; compare as sets there
+    np.testing.assert_array_equal(np.sort(ours.rows, axis=1), np.sort(rows, axis=1))
+    no_ties = (np.diff(ours.distances, axis=1) > 0).all(axis=1)
+    np.testing.assert_array_equal(ours.rows[no_ties], rows[no_ties])
+
+
+CASES = [("standard", 7, "uniform"), ("standard", 4, "uniform"), ("seed", 2, "uniform"),
+         ("seed", 10, "uniform"), ("custom", 5, "uniform"), ("seed", 6, "distance")]
+
+
+@pytest.mark.parametrize(("which", "k", "weights"), CASES)
+def test_flat_matches_scikit_learn_and_ann_agrees(request: pytest.FixtureRequest, which: str,
+                                                  k: int, weights: str) -> None:
+    collection: Collection = request.getfixturevalue(f"{which}_collection")
+    queries = collection.test().pixels[:2000]
+    flat = KnnIndex(collection, "flat").classify(queries, k=k, weights=weights)
+    expected = sklearn_knn(collection, k, weights).predict(queries.astype(np.float64))
+    np.testing.assert_array_equal(flat.predictions, expected)
+    for name in ("hnsw", "ivf"):
+        approximate = KnnIndex(collection, name).classify(queries, k=k, weights=weights)
+        agreement = np.mean(approximate.predictions == flat.predictions)
+        assert agreement >= 0.99, (name, agreement)
+
+
+def test_confusion_matrix_and_output_on_real_data(seed_collection: Collection, tmp_path) -> None:
+    out, png = tmp_path / "p.parquet", tmp_path / "c.png"
+    result = run_cli("query", "--store", seed_collection.root.parent, "--index", "hnsw",
+                     "--param", "efSearch=128", "--output", out, "--confusion", png, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["params"] == {"efSearch": 128} and summary["accuracy"] > 0.96
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out).to_pydict()
+    assert len(table["query"]) == 14_000
+    assert np.mean(np.array(table["predicted"]) == np.array(table["label"])) == \
+        summary["accuracy"]
