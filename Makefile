@@ -8,7 +8,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e '.[peers]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
@@ -19,6 +19,7 @@ run: $(VENV)/.installed
 	$(BIN)/mnist-ann fetch
 	$(BIN)/mnist-ann build --split seed
 	for index in flat ivf hnsw; do $(BIN)/mnist-ann query --collection seed --index $$index || exit 1; done
+	$(BIN)/mnist-ann report --collection seed --out reports/seed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check mnist_ann tests bench

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from mnist_ann import __version__
-from mnist_ann.build import build_indexes, no_progress
+from mnist_ann.build import build_indexes, default_threads, no_progress
 from mnist_ann.errors import InvalidArgument, MnistAnnError
 from mnist_ann.metrics import WEIGHTS, confusion_matrix
 from mnist_ann.mnist import SPLIT_KINDS, Split, load_mnist, validate_source
@@ -259,6 +259,54 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
                                                   f"accuracy {summary['accuracy']:.4f}")
         log(f"confusion matrix written to {confusion_path}")
     emit(summary, as_json)
+
+
+@main.command()
+@collection_option
+@click.option("--index", "index_names", multiple=True,
+              help="Index to sweep; repeatable [default: every index of the collection].")
+@k_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("reports"), show_default=True, help="Folder for the report files.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed batch runs per setting (after one warm-up); the median is reported.")
+@click.option("--latency-queries", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Queries timed one at a time, with one thread, per setting.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Measure scikit-learn's KNeighborsClassifier (the study's method).")
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="Measure hnswlib when it is installed (pip install '.[peers]').")
+@threads_option
+@store_option
+@quiet_option
+@json_option
+@library_errors
+def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path,
+           repeats: int, latency_queries: int, baseline: bool, peers: bool,
+           threads: int | None, store: Path | None, quiet: bool, as_json: bool) -> None:
+    """Sweep each index's search grid: recall, accuracy and speed, with plots and HTML."""
+    from mnist_ann.report import SweepSettings, run_report
+
+    collection = Collection.open(resolve_store(store), collection_name)
+    settings = SweepSettings(k, repeats, latency_queries, threads or default_threads())
+    result = run_report(collection, out, list(index_names) or None, settings, baseline, peers,
+                        stderr_log(quiet), progress_bars(quiet))
+    if as_json:
+        emit({"out": str(out), "operating_points": result.points, "meta": result.meta}, True)
+        return
+    click.echo(format_table(
+        [{**point, **{key: _short(point[key]) for key in ("recall", "accuracy",
+                                                          "queries_per_second", "p99_ms")}}
+         for point in result.points],
+        ["index", "target", "params", "recall", "accuracy", "queries_per_second", "p99_ms"]))
+    click.echo(f"\nreport written to {out / 'report.html'} (and report.md, results.csv, "
+               "results.json, plots)")
+
+
+def _short(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.4f}"
 
 
 @main.command()

@@ -62,10 +62,10 @@ def exact_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) ->
     for start in range(0, len(queries), RERANK_CHUNK):
         block = slice(start, start + RERANK_CHUNK)
         candidates = rows[block]
-        gathered = train[np.maximum(candidates, 0)].astype(np.int16)
-        diff = gathered - queries[block, None, :].astype(np.int16)
-        squared = np.einsum("ncd,ncd->nc", diff.astype(np.int32), diff.astype(np.int32),
-                            dtype=np.int64)
+        diff = (train[np.maximum(candidates, 0)].astype(np.int16)
+                - queries[block, None, :].astype(np.int16))
+        # at most 784 · 255² < 2³¹, so int32 accumulation is exact
+        squared = np.einsum("ncd,ncd->nc", diff, diff, dtype=np.int32).astype(np.int64)
         result[block] = np.where(candidates >= 0, squared, MISSING)
     return result
 
@@ -98,23 +98,31 @@ class KnnIndex:
         self.classes = np.unique(train.labels)
         self.max_train_norm = int(squared_norms(train.pixels).max())
         self.exact = all(isinstance(layer, faiss.IndexFlat) for layer in index_layers(self.index))
+        self._prepared: dict[tuple, tuple[dict, faiss.SearchParameters | None]] = {}
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    def _prepare(self, overrides: dict | None) -> tuple[dict, faiss.SearchParameters | None]:
+        """Checked parameters and their FAISS objects, made once per distinct setting."""
+        key = tuple(sorted((overrides or {}).items()))
+        if key not in self._prepared:
+            merged = {**self.entry.get("search_defaults", {}), **(overrides or {})}
+            checked = check_search_parameters(self.index, merged, f"index {self.name!r}")
+            self._prepared[key] = checked, make_search_parameters(self.index, checked)
+        return self._prepared[key]
+
     def parameters(self, overrides: dict | None = None) -> dict:
         """The recipe's search defaults with `overrides` applied, checked against the index."""
-        merged = {**self.entry.get("search_defaults", {}), **(overrides or {})}
-        return check_search_parameters(self.index, merged, f"index {self.name!r}")
+        return dict(self._prepare(overrides)[0])
 
     def search(self, pixels: np.ndarray, k: int, params: dict | None = None) -> Neighbours:
         """The k nearest training rows of each uint8 query [n, 784], exactly ranked."""
         if not 1 <= k <= self.ntotal:
             raise InvalidArgument(f"k must be between 1 and the training size {self.ntotal}, "
                                   f"not {k}")
-        params = self.parameters(params)
-        faiss_params = make_search_parameters(self.index, params)
+        _, faiss_params = self._prepare(params)
         queries = np.ascontiguousarray(pixels, dtype=np.float32)
         width = min(k + RERANK_EXTRA, self.ntotal)
         float_distances, rows = self.index.search(queries, width, params=faiss_params)
@@ -156,7 +164,7 @@ class KnnIndex:
         threads = set_threads(threads or default_threads())
         effective = self.parameters(params)
         started = time.perf_counter()
-        neighbours = self.search(pixels, k, effective)
+        neighbours = self.search(pixels, k, params)
         labels = np.where(neighbours.rows >= 0,
                           self.train_labels[np.maximum(neighbours.rows, 0)].astype(np.int16), -1)
         predictions = vote(labels, neighbours.distances, self.classes, weights)

@@ -289,3 +289,16 @@ def test_library_rejects_queries_that_are_not_uint8_rows(built: Collection) -> N
         index.classify(np.zeros((2, 784), np.float32))
     with pytest.raises(InvalidArgument, match="empty"):
         index.classify(np.zeros((0, 784), np.uint8))
+
+
+def test_neighbours_an_index_cannot_find_are_marked_missing(isolated: Path) -> None:
+    from mnist_ann.search import MISSING
+
+    images, labels = clustered_digits(800, seed=4)
+    collection = make_collection(isolated / "store", "sparse", images, labels)
+    build_indexes(collection, [resolve_recipe("sq=IVF16,Flat", 720)], threads=1)
+    found = KnnIndex(collection, "sq").search(collection.test().pixels, 60, {"nprobe": 1})
+    missing = found.rows < 0
+    assert missing.any()  # one list of about 45 rows cannot hold 60 neighbours
+    assert (found.distances[missing] == MISSING).all()
+    assert (found.distances[~missing] >= 0).all()

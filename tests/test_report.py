@@ -1,0 +1,224 @@
+"""The report: sweep figures recomputed from raw neighbours, output files, the HTML page."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import (
+    assert_clean_error,
+    clustered_digits,
+    exact_knn,
+    make_collection,
+    pair_distances,
+    run_cli,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mnist_ann.build import build_indexes
+from mnist_ann.recipes import resolve_recipe
+from mnist_ann.report import pareto_frontier
+from mnist_ann.search import KnnIndex
+from mnist_ann.store import Collection
+
+OUTPUTS = ["results.csv", "results.json", "recall_vs_qps.png", "accuracy_vs_latency.png",
+           "confusion.png", "report.html", "report.md"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Collection:
+    store = tmp_path_factory.mktemp("report-store")
+    images, labels = clustered_digits(3000, seed=11)
+    labels[::9] = (labels[::9] + 1) % 10  # label noise, so that accuracy is not trivially 1
+    collection = make_collection(store, "small", images, labels)
+    build_indexes(collection, [resolve_recipe(name, len(collection.train()))
+                               for name in ("flat", "ivf", "hnsw")], threads=2)
+    return Collection.open(store, "small")
+
+
+@pytest.fixture(scope="module")
+def report(small: Collection, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("report")
+    args = ["report", "--store", small.root.parent, "--collection", "small", "--out", out,
+            "--repeats", "1", "--latency-queries", "20", "--threads", "2"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    args[args.index(out)] = tmp_path_factory.mktemp("again")
+    again = run_cli(*args, "--index", "hnsw", "--no-baseline", "--no-peers", "--json")
+    return {"out": out, "rows": rows, "stdout": result.stdout, "stderr": result.stderr,
+            "again": again}
+
+
+def test_every_output_file_is_written(report: dict) -> None:
+    for name in OUTPUTS:
+        assert (report["out"] / name).stat().st_size > 0, name
+    for name in OUTPUTS:
+        if name.endswith(".png"):
+            assert (report["out"] / name).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((report["out"] / "results.json").read_text())
+    assert len(results["results"]) == len(report["rows"])
+    meta = results["meta"]
+    assert meta["machine"]["faiss_simd"] and meta["machine"]["cpu"]
+    assert meta["settings"]["threads"] == 2 and meta["k"] == 7
+    markdown = (report["out"] / "report.md").read_text()
+    for fragment in ("## Operating points", "fingerprint", "recall_vs_qps.png", "threads"):
+        assert fragment in markdown
+    assert "recall ≥ 0.99" in report["stdout"]
+
+
+def test_rows_cover_every_grid_point_and_the_baselines(report: dict, small: Collection) -> None:
+    by_index: dict[str, list[dict]] = {}
+    for row in report["rows"]:
+        by_index.setdefault(row["index"], []).append(row)
+    assert len(by_index["flat"]) == 1
+    for name, parameter in (("ivf", "nprobe"), ("hnsw", "efSearch")):
+        grid = small.indexes[name]["search_grid"][parameter]
+        swept = [json.loads(r["params"])[parameter] for r in by_index[name]]
+        recalls = [float(r["recall"]) for r in by_index[name]]
+        assert swept == grid[:len(swept)]
+        # the sweep stops exactly at the first setting that is exact for every query
+        assert all(value < 1.0 for value in recalls[:-1])
+        assert len(swept) == len(grid) or recalls[-1] == 1.0
+    assert len(by_index["scikit-learn"]) == 1
+    try:
+        import hnswlib  # noqa: F401
+    except ImportError:
+        assert "hnswlib" not in by_index
+    else:
+        assert len(by_index["hnswlib"]) == len(small.indexes["hnsw"]["search_grid"]["efSearch"])
+
+
+def test_recall_and_accuracy_recomputed_from_raw_neighbours(report: dict,
+                                                            small: Collection) -> None:
+    train, test = small.train(), small.test()
+    true_distances, true_rows = exact_knn(train.pixels, test.pixels, 7)
+    exact_votes = [np.bincount(train.labels[row], minlength=10).argmax() for row in true_rows]
+    exact_accuracy = np.mean(np.array(exact_votes) == test.labels)
+    for row in report["rows"]:
+        if row["index"] in ("flat", "ivf", "hnsw"):
+            found = KnnIndex(small, row["index"]).search(test.pixels, 7, json.loads(row["params"]))
+            distances = pair_distances(train.pixels, test.pixels, found.rows)  # inf where -1
+            recall = np.mean(distances <= true_distances[:, -1:])
+            votes = [np.bincount(train.labels[r[r >= 0]], minlength=10).argmax()
+                     for r in found.rows]
+            accuracy = np.mean(np.array(votes) == test.labels)
+            agreement = np.mean(np.array(votes) == np.array(exact_votes))
+            assert float(row["recall"]) == pytest.approx(recall, abs=1e-12), row
+            assert float(row["accuracy"]) == pytest.approx(accuracy, abs=1e-12), row
+            assert float(row["agreement"]) == pytest.approx(agreement, abs=1e-12), row
+        if row["index"] in ("flat", "scikit-learn"):
+            assert float(row["recall"]) == 1.0
+            assert float(row["accuracy"]) == pytest.approx(exact_accuracy, abs=1e-12)
+        assert float(row["queries_per_second"]) > 0
+        assert float(row["p50_ms"]) <= float(row["p95_ms"]) <= float(row["p99_ms"])
+
+
+def test_operating_points_are_the_fastest_meeting_each_target(report: dict) -> None:
+    points = json.loads((report["out"] / "results.json").read_text())["operating_points"]
+    rows = report["rows"]
+    for point in points:
+        if not point["target"].startswith("recall"):
+            continue
+        target = float(point["target"].split("≥")[1])
+        meeting = [r for r in rows if r["index"] == point["index"]
+                   and float(r["recall"]) >= target]
+        if not meeting:
+            assert point["params"] == "not reached"
+            continue
+        fastest = max(meeting, key=lambda r: float(r["queries_per_second"]))
+        assert point["queries_per_second"] == pytest.approx(float(fastest["queries_per_second"]))
+
+
+def test_ground_truth_is_cached_in_the_collection(report: dict, small: Collection) -> None:
+    assert "computing exact ground truth" in report["stderr"]
+    assert report["again"].exit_code == 0, report["again"].stderr
+    assert "computing exact ground truth" not in report["again"].stderr
+    manifest = json.loads((small.root / "manifest.json").read_text())
+    assert "truth-k7.parquet" in manifest["files"]
+    summary = json.loads(report["again"].stdout)
+    assert {p["index"] for p in summary["operating_points"]} == {"hnsw"}
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(1, 1e6)), min_size=1, max_size=30))
+def test_pareto_frontier_keeps_exactly_the_undominated(points: list) -> None:
+    rows = [{"recall": r, "queries_per_second": q} for r, q in points]
+    frontier = pareto_frontier(rows)
+    for row in rows:
+        dominated = any(o["recall"] >= row["recall"] and o["queries_per_second"] >=
+                        row["queries_per_second"] and (o["recall"], o["queries_per_second"])
+                        != (row["recall"], row["queries_per_second"]) for o in rows)
+        on_frontier = any(f is row for f in frontier)
+        assert not (dominated and on_frontier)
+        if not dominated:
+            assert any((f["recall"], f["queries_per_second"]) ==
+                       (row["recall"], row["queries_per_second"]) for f in frontier)
+
+
+def test_report_bad_input(small: Collection, tmp_path: Path) -> None:
+    store = small.root.parent
+    assert_clean_error(run_cli("report", "--store", store, "--collection", "small", "--index",
+                               "annoy", "--out", tmp_path / "r"), 1, "no index 'annoy'")
+    assert not (tmp_path / "r").exists()
+    assert_clean_error(run_cli("report", "--store", store, "--collection", "nosuch", "--out",
+                               tmp_path / "r"), 1, "no collection 'nosuch'")
+    (tmp_path / "file").write_text("")
+    assert_clean_error(run_cli("report", "--store", store, "--collection", "small", "--out",
+                               tmp_path / "file" / "r"), 1, "not writable")
+
+
+def test_report_needs_a_flat_index(isolated: Path) -> None:
+    images, labels = clustered_digits(500, seed=2)
+    collection = make_collection(isolated / "store", "noflat", images, labels)
+    build_indexes(collection, [resolve_recipe("hnsw", 450)], threads=1)
+    assert_clean_error(run_cli("report", "--collection", "noflat", "--out", isolated / "r"), 1,
+                       "has no flat index")
+
+
+# --- the page in a real browser -------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=10000", "--dump-dom"]
+
+
+def find_or_install_chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("Chromium is missing and cannot be installed here (needs root and apt-get)")
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq",
+                                                   "chromium"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                              check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        if done.returncode != 0:
+            pytest.skip(f"Chromium could not be installed: {done.stderr.strip()[-300:]}")
+    return shutil.which("chromium")
+
+
+def test_report_html_images_load_in_chromium(report: dict, tmp_path: Path) -> None:
+    chromium = find_or_install_chromium()
+    page = (report["out"] / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load', () => { const images = "
+             "[...document.images]; document.body.dataset.images = images.length + '/' + "
+             "images.filter(i => i.complete && i.naturalWidth > 0).length; });</script>")
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.replace("</body>", probe + "</body>"))
+    done = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                           checked.as_uri()], capture_output=True, text=True, timeout=120,
+                          check=False)
+    match = re.search(r'data-images="(\d+)/(\d+)"', done.stdout)
+    assert match, done.stderr[-2000:]
+    total, loaded = map(int, match.groups())
+    assert total == 3 and loaded == 3
