@@ -118,9 +118,9 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--split", "split_kind", type=click.Choice(SPLIT_KINDS), default="seed",
-              show_default=True,
-              help="seed: the study's random 80/20 split; standard: first 60,000 / last 10,000.")
+@click.option("--split", "split_kind", type=click.Choice(SPLIT_KINDS), default=None,
+              help="seed: the study's random 80/20 split; standard: first 60,000 / last "
+                   "10,000 [default: seed, or the existing collection's split].")
 @click.option("--test-size", type=float, default=None,
               help="Fraction of rows held out for testing (seed split) [default: 0.2].")
 @click.option("--random-state", type=int, default=None,
@@ -137,20 +137,22 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
 @quiet_option
 @json_option
 @library_errors
-def build(split_kind: str, test_size: float | None, random_state: int | None,
+def build(split_kind: str | None, test_size: float | None, random_state: int | None,
           collection_name: str | None, index_specs: tuple[str, ...], force: bool,
           threads: int | None, source: str, store: Path | None, quiet: bool,
           as_json: bool) -> None:
     """Write a split of MNIST as a collection and build its FAISS indexes."""
     log = stderr_log(quiet)
-    split = Split.make(split_kind, test_size, random_state)
+    split_given = (split_kind, test_size, random_state) != (None, None, None)
+    split = Split.make(split_kind or "seed", test_size, random_state)
     specs = index_specs or DEFAULT_RECIPES
     n_train = len(split.ids()[0])
     for spec in specs:  # refuse a bad recipe before anything is fetched or written
         resolve_recipe(spec, n_train)
     store_path = resolve_store(store)
     name = collection_name or split.default_name
-    collection = ensure_collection(store_path, name, split, source, log)
+    collection = ensure_collection(store_path, name, split, source, log,
+                                   must_match=split_given)
     recipes = [resolve_recipe(spec, collection.manifest["rows"]["train"]) for spec in specs]
     results = build_indexes(collection, recipes, threads, force, log, progress_bars(quiet))
     rows = [{"index": r.name, "status": r.status, "factory": r.entry["factory"],

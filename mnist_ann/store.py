@@ -273,15 +273,19 @@ def create_collection(store: Path, name: str, dataset: Dataset, split: Split,
     return Collection(root, manifest)
 
 
-def ensure_collection(store: Path, name: str, split: Split, source: str, log: Log) -> Collection:
-    """Open collection `name` if it holds `split`; otherwise create it from MNIST."""
+def ensure_collection(store: Path, name: str, split: Split, source: str, log: Log,
+                      must_match: bool = True) -> Collection:
+    """Open collection `name`, or create it from MNIST with `split` if it does not exist.
+
+    With `must_match`, an existing collection must hold `split`.
+    """
     validate_name(name)
     ensure_writable(store)
     if (store / name / MANIFEST).is_file():
         collection = Collection.open(store, name)
-        if collection.split != split:
+        if must_match and collection.split != split:
             raise MnistAnnError(f"collection {name!r} holds split {collection.split.to_dict()}, "
                                 f"not {split.to_dict()}; choose another --collection")
-        log(f"collection {name!r} exists with that split; kept")
+        log(f"collection {name!r} exists with split {collection.split.to_dict()}; kept")
         return collection
     return create_collection(store, name, load_mnist(source, log=log), split, log)

@@ -142,6 +142,16 @@ def test_build_command_builds_keeps_and_forces(synthetic: Collection) -> None:
     assert "index hnsw: HNSW32 (hnsw), 5,400 vectors" in info
 
 
+def test_an_existing_collection_needs_no_split_options(synthetic: Collection) -> None:
+    result = run_cli("build", "--collection", "syn", "--index", "flat", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["collection"]["split"] == {
+        "kind": "seed", "test_size": 0.1, "random_state": 0}
+    assert "exists with split" in result.stderr
+    assert_clean_error(run_cli("build", "--collection", "syn", "--split", "standard"), 1,
+                       "holds split")
+
+
 def test_custom_factory_through_the_cli(synthetic: Collection) -> None:
     result = run_cli("build", *SYNTHETIC_SPLIT, "--collection", "syn", "--index",
                      "fast=PCA64,HNSW32,RFlat", "--json")
