@@ -22,7 +22,7 @@ from mnist_ann.errors import InvalidArgument, MnistAnnError
 from mnist_ann.fileio import atomic_path, write_json
 from mnist_ann.machine import describe_machine, peak_memory_mb
 from mnist_ann.metrics import accuracy, confusion_matrix, latency_summary, recall, vote
-from mnist_ann.search import KnnIndex, Neighbours, exact_distances
+from mnist_ann.search import KnnIndex, Neighbours, exact_distances, order_exactly
 from mnist_ann.store import Collection, ensure_writable
 
 RECALL_TARGETS = (0.90, 0.95, 0.99, 0.999)
@@ -142,11 +142,19 @@ class Reference:
     latency_sample: np.ndarray
 
 
-def row_figures(reference: Reference, k: int, found_distances: np.ndarray,
-                predictions: np.ndarray) -> dict:
-    return {"recall": recall(found_distances, reference.truth.distances, k),
+def measured_row(name: str, kind: str, factory: str, params: dict, reference: Reference,
+                 k: int, distances: np.ndarray, predictions: np.ndarray, times: list[float],
+                 latency: dict, build_seconds: float, index_mb: float | None) -> dict:
+    """One result row: quality against the reference, speed, and cost."""
+    median = statistics.median(times)
+    return {"index": name, "kind": kind, "factory": factory, "params": params, "k": k,
+            "recall": recall(distances, reference.truth.distances, k),
             "accuracy": accuracy(predictions, reference.labels),
-            "agreement": accuracy(predictions, reference.exact_predictions)}
+            "agreement": accuracy(predictions, reference.exact_predictions),
+            "batch_median_s": median, "batch_best_s": min(times), "batch_runs": len(times),
+            "queries_per_second": len(reference.queries) / median, **latency,
+            "build_seconds": build_seconds, "index_mb": index_mb,
+            "peak_memory_mb": peak_memory_mb(), "predictions": predictions.astype(np.uint8)}
 
 
 def sweep_index(knn: KnnIndex, reference: Reference, settings: SweepSettings,
@@ -168,15 +176,10 @@ def sweep_index(knn: KnnIndex, reference: Reference, settings: SweepSettings,
         latency = time_single_queries(
             lambda query, params=params: knn.classify(query, settings.k, params, threads=1),
             reference.latency_sample, settings.latency_budget_seconds)
-        rows.append({
-            "index": knn.name, "kind": "mnist-ann", "factory": knn.entry["factory"],
-            "params": result.params, "k": settings.k,
-            **row_figures(reference, settings.k, result.neighbours.distances,
-                          result.predictions),
-            **batch_figures(times, len(reference.queries)), **latency,
-            "build_seconds": knn.entry["build_seconds"],
-            "index_mb": knn.entry["bytes"] / 1e6, "peak_memory_mb": peak_memory_mb(),
-            "predictions": result.predictions})
+        rows.append(measured_row(
+            knn.name, "mnist-ann", knn.entry["factory"], result.params, reference, settings.k,
+            result.neighbours.distances, result.predictions, times, latency,
+            knn.entry["build_seconds"], knn.entry["bytes"] / 1e6))
         bar.update(1)
         if len(grid) == 1 and rows[-1]["recall"] == 1.0 and position + 1 < len(points):
             log(f"{knn.name}: {format_params(result.params)} already returns the exact "
@@ -184,12 +187,6 @@ def sweep_index(knn: KnnIndex, reference: Reference, settings: SweepSettings,
             bar.update(len(points) - position - 1)
             break
     return rows
-
-
-def batch_figures(times: list[float], n_queries: int) -> dict:
-    median = statistics.median(times)
-    return {"batch_median_s": median, "batch_best_s": min(times), "batch_runs": len(times),
-            "queries_per_second": n_queries / median}
 
 
 def sklearn_row(collection: Collection, reference: Reference, settings: SweepSettings,
@@ -215,12 +212,10 @@ def sklearn_row(collection: Collection, reference: Reference, settings: SweepSet
                                       reference.latency_sample,
                                       settings.latency_budget_seconds)
     distances = exact_distances(train.pixels, reference.queries, rows)
-    return {"index": SKLEARN_ROW, "kind": "baseline",
-            "factory": f"KNeighborsClassifier(n_neighbors={settings.k})", "params": {},
-            "k": settings.k, **row_figures(reference, settings.k, distances, predictions),
-            **batch_figures([seconds], len(queries)), **latency,
-            "build_seconds": fit_seconds, "index_mb": None,
-            "peak_memory_mb": peak_memory_mb(), "predictions": predictions.astype(np.uint8)}
+    return measured_row(SKLEARN_ROW, "baseline",
+                        f"KNeighborsClassifier(n_neighbors={settings.k})", {}, reference,
+                        settings.k, distances, predictions, [seconds], latency, fit_seconds,
+                        None)
 
 
 def hnswlib_rows(collection: Collection, reference: Reference, settings: SweepSettings,
@@ -249,23 +244,18 @@ def hnswlib_rows(collection: Collection, reference: Reference, settings: SweepSe
 
             found, times = time_batch(run, lambda: run(queries[:WARM_UP_QUERIES]),
                                       settings.repeats, settings.batch_budget_seconds)
-            distances = exact_distances(train.pixels, reference.queries, found)
-            order = np.argsort(distances, axis=1, kind="stable")
-            found = np.take_along_axis(found, order, 1)
-            distances = np.take_along_axis(distances, order, 1)
-            predictions = vote(train.labels[found].astype(np.int16), distances, classes)
+            neighbours = order_exactly(
+                found, exact_distances(train.pixels, reference.queries, found), settings.k)
+            predictions = vote(train.labels[neighbours.rows].astype(np.int16),
+                               neighbours.distances, classes)
             latency = time_single_queries(lambda q: run(q.astype(np.float32), 1),
                                           reference.latency_sample,
                                           settings.latency_budget_seconds)
-            rows.append({"index": HNSWLIB_ROW, "kind": "peer",
-                         "factory": f"hnswlib M={HNSWLIB_BUILD['M']} "
-                                    f"efConstruction={HNSWLIB_BUILD['ef_construction']}",
-                         "params": {"ef": ef}, "k": settings.k,
-                         **row_figures(reference, settings.k, distances, predictions),
-                         **batch_figures(times, len(queries)), **latency,
-                         "build_seconds": build_seconds, "index_mb": None,
-                         "peak_memory_mb": peak_memory_mb(),
-                         "predictions": predictions.astype(np.uint8)})
+            rows.append(measured_row(
+                HNSWLIB_ROW, "peer", f"hnswlib M={HNSWLIB_BUILD['M']} "
+                f"efConstruction={HNSWLIB_BUILD['ef_construction']}", {"ef": ef}, reference,
+                settings.k, neighbours.distances, predictions, times, latency, build_seconds,
+                None))
             bar.update(1)
     return rows
 
