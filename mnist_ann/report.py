@@ -63,8 +63,9 @@ class SweepSettings:
 
 # --- ground truth --------------------------------------------------------------------------
 
-def ground_truth(collection: Collection, k: int, threads: int, log: Log) -> Neighbours:
+def ground_truth(flat: KnnIndex, k: int, threads: int, log: Log) -> Neighbours:
     """Exact neighbours of the test queries by flat search, cached in the collection."""
+    collection = flat.collection
     filename = f"truth-k{k}.parquet"
     if filename in collection.manifest["files"]:
         table = pq.read_table(collection.verified(filename))
@@ -73,7 +74,7 @@ def ground_truth(collection: Collection, k: int, threads: int, log: Log) -> Neig
         return Neighbours(rows, distances)
     log(f"computing exact ground truth (k={k}) with flat; cached as {filename}")
     set_threads(threads)
-    truth = KnnIndex(collection, "flat").search(collection.test().pixels, k)
+    truth = flat.search(collection.test().pixels, k)
     table = pa.table({"rows": pa.array(list(truth.rows), pa.list_(pa.int64())),
                       "distances": pa.array(list(truth.distances), pa.list_(pa.int64()))})
     with atomic_path(collection.root / filename) as tmp:
@@ -487,8 +488,8 @@ def run_report(collection: Collection, out: Path, index_names: list[str] | None 
     test = collection.test()
     if test.labels is None:
         raise MnistAnnError(f"{collection.name}: the test table has no labels")
-    truth = ground_truth(collection, settings.k, settings.threads, log)
     flat = KnnIndex(collection, "flat")
+    truth = ground_truth(flat, settings.k, settings.threads, log)
     exact_predictions = vote(collection.train().labels[truth.rows].astype(np.int16),
                              truth.distances, flat.classes)
     sample = np.random.default_rng(0).choice(len(test), min(settings.latency_queries,
