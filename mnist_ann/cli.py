@@ -287,7 +287,7 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
            repeats: int, latency_queries: int, baseline: bool, peers: bool,
            threads: int | None, store: Path | None, quiet: bool, as_json: bool) -> None:
     """Sweep each index's search grid: recall, accuracy and speed, with plots and HTML."""
-    from mnist_ann.report import SweepSettings, run_report
+    from mnist_ann.report import POINT_COLUMNS, SweepSettings, format_cell, run_report
 
     collection = Collection.open(resolve_store(store), collection_name)
     settings = SweepSettings(k, repeats, latency_queries, threads or default_threads())
@@ -297,18 +297,10 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
         emit({"out": str(out), "operating_points": result.points, "meta": result.meta}, True)
         return
     click.echo(format_table(
-        [{**point, **{key: _short(point[key]) for key in ("recall", "accuracy",
-                                                          "queries_per_second", "p99_ms")}}
-         for point in result.points],
-        ["index", "target", "params", "recall", "accuracy", "queries_per_second", "p99_ms"]))
+        [{key: format_cell(point[key]) for key in POINT_COLUMNS} for point in result.points],
+        POINT_COLUMNS))
     click.echo(f"\nreport written to {out / 'report.html'} (and report.md, results.csv, "
                "results.json, plots)")
-
-
-def _short(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.4f}"
 
 
 @main.command()

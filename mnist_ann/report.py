@@ -385,7 +385,8 @@ def plot_accuracy_vs_latency(path: Path, rows: list[dict], exact_accuracy: float
     save_figure(figure, path)
 
 
-def _fmt(value: object) -> str:
+def format_cell(value: object) -> str:
+    """A table cell: floats to 4 decimals, or with thousands separators from 100 up."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -397,13 +398,13 @@ def _fmt(value: object) -> str:
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def html_table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row[c]))}</td>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(row[c]))}</td>" for c in columns)
                    + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
