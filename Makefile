@@ -17,8 +17,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed
 	$(BIN)/mnist-ann fetch
-	$(BIN)/mnist-ann build --split seed
-	for index in flat ivf hnsw; do $(BIN)/mnist-ann query --collection seed --index $$index || exit 1; done
+	$(BIN)/mnist-ann build --split seed --index flat --index ivf --index hnsw \
+		--index deskew-flat --index deskew-pca-ivf --index deskew-pca-hnsw
+	for index in flat ivf hnsw deskew-pca-ivf; do \
+		$(BIN)/mnist-ann query --collection seed --index $$index || exit 1; done
 	$(BIN)/mnist-ann report --collection seed --out reports/seed
 
 lint: $(VENV)/.installed-test

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -10,9 +11,11 @@ from typing import Protocol
 
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from mnist_ann.errors import InvalidArgument, MnistAnnError
 from mnist_ann.fileio import remove_stale_temporaries, write_named_by_content
+from mnist_ann.pipeline import apply_pipeline
 from mnist_ann.recipes import DIMENSION, Recipe, check_trainable, index_layers
 from mnist_ann.store import TEST_FILE, TRAIN_FILE, Collection, ensure_writable
 
@@ -62,10 +65,18 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
+_blas_threads: int | None = None
+
+
 def set_threads(threads: int) -> int:
+    """Let FAISS (OpenMP) and numpy's BLAS use `threads` threads."""
+    global _blas_threads
     if threads < 1:
         raise InvalidArgument(f"threads must be at least 1, not {threads}")
     faiss.omp_set_num_threads(threads)
+    if threads != _blas_threads:  # threadpoolctl takes about 0.6 ms: only on a change
+        threadpool_limits(threads, user_api="blas")
+        _blas_threads = threads
     return threads
 
 
@@ -86,9 +97,12 @@ def check_clashes(collection: Collection, recipes: list[Recipe], force: bool) ->
                                 "name")
 
 
+SPEC_FIELDS = ("recipe", "factory", "build_args", "pipeline", "rank_space")
+RECORD_SUFFIX = ".build.json"
+
+
 def _spec(entry: dict) -> dict:
-    return {"recipe": entry["recipe"], "factory": entry["factory"],
-            "build_args": entry["build_args"]}
+    return {field: entry.get(field) for field in SPEC_FIELDS}
 
 
 def is_current(collection: Collection, recipe: Recipe) -> bool:
@@ -132,9 +146,15 @@ def build_one(collection: Collection, recipe: Recipe, vectors: np.ndarray, threa
     seconds = time.perf_counter() - started
     filename, digest = write_named_by_content(
         collection.root, recipe.name, ".faiss", lambda path: faiss.write_index(index, str(path)))
+    # the build record binds the recipe (pipeline included) to the index file's checksum, so
+    # that a manifest edited after the build cannot send queries through another pipeline
+    record = json.dumps({**recipe.spec(), "index_sha256": digest}, indent=2, sort_keys=True)
+    record_file, _ = write_named_by_content(collection.root, recipe.name, RECORD_SUFFIX,
+                                            lambda path: path.write_text(record + "\n"))
     return {
         **recipe.spec(),
         "file": filename,
+        "record": record_file,
         "search_defaults": recipe.search_defaults,
         "search_grid": recipe.search_grid,
         "train_sha256": collection.manifest["files"][TRAIN_FILE]["sha256"],
@@ -151,9 +171,15 @@ def build_one(collection: Collection, recipe: Recipe, vectors: np.ndarray, threa
 
 def remove_unrecorded_indexes(collection: Collection) -> None:
     """Delete index files the manifest does not name (left by a build killed mid-way)."""
-    for path in collection.root.glob("*.faiss"):
-        if path.name not in collection.manifest["files"]:
-            path.unlink()
+    for pattern in ("*.faiss", f"*{RECORD_SUFFIX}"):
+        for path in collection.root.glob(pattern):
+            if path.name not in collection.manifest["files"]:
+                path.unlink()
+
+
+def built_files(entry: dict) -> list[str]:
+    """The files an index entry owns: the index and its build record."""
+    return [entry[key] for key in ("file", "record") if key in entry]
 
 
 def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | None = None,
@@ -177,7 +203,7 @@ def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | 
     ensure_writable(collection.root)
     remove_stale_temporaries(collection.root)
     remove_unrecorded_indexes(collection)
-    vectors: np.ndarray | None = None
+    vectors: dict[tuple[str, ...], np.ndarray] = {}
     results = []
     for recipe in recipes:
         if not force and is_current(collection, recipe):
@@ -185,17 +211,21 @@ def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | 
                 "(--force rebuilds)")
             results.append(BuildResult(recipe.name, "kept", collection.indexes[recipe.name]))
             continue
-        if vectors is None:
-            vectors = collection.train().pixels.astype(np.float32)
-        entry = build_one(collection, recipe, vectors, threads, log, progress)
+        if recipe.pipeline not in vectors:
+            if recipe.pipeline:
+                log(f"{recipe.name}: applying {', '.join(recipe.pipeline)} to the training set")
+            vectors[recipe.pipeline] = apply_pipeline(recipe.pipeline, collection.train().pixels)
+        entry = build_one(collection, recipe, vectors[recipe.pipeline], threads, log, progress)
         previous = collection.indexes.get(recipe.name)
         collection.indexes[recipe.name] = entry
-        collection.record_file(entry["file"])
-        if previous is not None and previous["file"] != entry["file"]:
-            collection.manifest["files"].pop(previous["file"], None)
+        for filename in built_files(entry):
+            collection.record_file(filename)
+        stale = [f for f in built_files(previous or {}) if f not in built_files(entry)]
+        for filename in stale:
+            collection.manifest["files"].pop(filename, None)
         collection.save()
-        if previous is not None and previous["file"] != entry["file"]:
-            (collection.root / previous["file"]).unlink(missing_ok=True)
+        for filename in stale:
+            (collection.root / filename).unlink(missing_ok=True)
         log(f"{recipe.name}: {entry['ntotal']:,} vectors in {entry['build_seconds']:.1f} s, "
             f"{entry['bytes'] / 1e6:.1f} MB")
         results.append(BuildResult(recipe.name, "built", entry))

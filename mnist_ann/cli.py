@@ -128,8 +128,9 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
 @click.option("--collection", "collection_name", default=None,
               help="Collection name [default: the split's name].")
 @click.option("--index", "index_specs", multiple=True, metavar="RECIPE|NAME=FACTORY",
-              help="Index to build: flat, ivf, hnsw, or NAME=FACTORY with any FAISS factory "
-                   "string; repeatable [default: flat, ivf, hnsw].")
+              help="Index to build: flat, ivf, hnsw, deskew-flat, deskew-pca-hnsw, "
+                   "deskew-pca-ivf, or NAME=FACTORY with any FAISS factory string; repeatable "
+                   "[default: flat, ivf, hnsw].")
 @click.option("--force", is_flag=True, help="Rebuild indexes that are already current.")
 @threads_option
 @source_option
@@ -172,7 +173,8 @@ def render_collection(summary: dict) -> str:
     for filename in ("train.parquet", "test.parquet"):
         lines.append(f"  {filename}: {summary['files'][filename]['bytes'] / 1e6:.1f} MB")
     for name, entry in summary["indexes"].items():
-        lines.append(f"  index {name}: {entry['factory']} ({entry['recipe']}), "
+        pipeline = " → ".join(entry.get("pipeline") or []) or "pixels"
+        lines.append(f"  index {name}: {pipeline} → {entry['factory']} ({entry['recipe']}), "
                      f"{entry['ntotal']:,} vectors, {entry['bytes'] / 1e6:.1f} MB, built in "
                      f"{entry['build_seconds']:.1f} s with {entry['threads']} threads "
                      f"[{entry['file']}]")
@@ -242,7 +244,8 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
     result = index.classify(queries.pixels, k, params, weights, threads)
     summary = {"input": queries.description, "n": len(queries.pixels), "k": k,
                "collection": collection_name, "index": index_name,
-               "factory": index.entry["factory"], "params": result.params, "weights": weights,
+               "factory": index.entry["factory"], "space": index.space,
+               "params": result.params, "weights": weights,
                "seconds": round(result.seconds, 4),
                "queries_per_second": round(len(queries.pixels) / result.seconds, 1),
                "threads": result.threads}

@@ -109,15 +109,19 @@ def check_output_path(path: Path) -> None:
 
 def write_predictions(path: Path, queries: Queries, predictions: np.ndarray,
                       neighbour_ids: np.ndarray, distances: np.ndarray) -> None:
-    """One row per query: name, predicted label, true label if known, neighbours, distances."""
+    """One row per query: name, predicted label, true label if known, neighbours, distances
+    (squared, in the index's ranking space; -1 where no neighbour was found)."""
     check_output_path(path)
-    shown = np.where(distances == np.iinfo(np.int64).max, -1, distances)
+    integer = distances.dtype.kind == "i"
+    missing = distances == (np.iinfo(np.int64).max if integer else np.inf)
+    shown = np.where(missing, -1, distances)
     if path.suffix == ".parquet":
         columns = {"query": pa.array(queries.names), "predicted": pa.array(predictions)}
         if queries.labels is not None:
             columns["label"] = pa.array(queries.labels)
         columns["neighbors"] = pa.array(list(neighbour_ids), pa.list_(pa.int64()))
-        columns["distances"] = pa.array(list(shown), pa.list_(pa.int64()))
+        columns["distances"] = pa.array(list(shown),
+                                        pa.list_(pa.int64() if integer else pa.float64()))
         with atomic_path(path) as tmp:
             pq.write_table(pa.table(columns), tmp)
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import itertools
 import json
@@ -63,25 +64,45 @@ class SweepSettings:
 
 # --- ground truth --------------------------------------------------------------------------
 
-def ground_truth(flat: KnnIndex, k: int, threads: int, log: Log) -> Neighbours:
-    """Exact neighbours of the test queries by flat search, cached in the collection."""
-    collection = flat.collection
-    filename = f"truth-k{k}.parquet"
+def ground_truth(knn: KnnIndex, k: int, threads: int, log: Log) -> Neighbours:
+    """Exact neighbours of the test queries in `knn`'s ranking space, cached in the collection.
+
+    Pass the flat index for the pixel space; any index of another space gives its own.
+    """
+    collection = knn.collection
+    key = knn.space_key
+    filename = f"truth-k{k}.parquet" if key == "pixels" else f"truth-k{k}-{key}.parquet"
     if filename in collection.manifest["files"]:
         table = pq.read_table(collection.verified(filename))
-        rows = np.array(table.column("rows").to_pylist(), dtype=np.int64)
-        distances = np.array(table.column("distances").to_pylist(), dtype=np.int64)
-        return Neighbours(rows, distances)
-    log(f"computing exact ground truth (k={k}) with flat; cached as {filename}")
+        distances = table.column("distances")
+        kind = np.int64 if pa.types.is_integer(distances.type.value_type) else np.float64
+        return Neighbours(np.array(table.column("rows").to_pylist(), dtype=np.int64),
+                          np.array(distances.to_pylist(), dtype=kind))
+    log(f"computing exact ground truth (k={k}) in the {knn.space} space; cached as {filename}")
     set_threads(threads)
-    truth = flat.search(collection.test().pixels, k)
+    truth = knn.exact_search(collection.test().pixels, k)
+    value_type = pa.int64() if truth.distances.dtype.kind == "i" else pa.float64()
     table = pa.table({"rows": pa.array(list(truth.rows), pa.list_(pa.int64())),
-                      "distances": pa.array(list(truth.distances), pa.list_(pa.int64()))})
+                      "distances": pa.array(list(truth.distances), pa.list_(value_type))})
     with atomic_path(collection.root / filename) as tmp:
         pq.write_table(table, tmp)
     collection.record_file(filename)
     collection.save()
     return truth
+
+
+def exact_vote(knn: KnnIndex, truth: Neighbours) -> np.ndarray:
+    return vote(knn.train_labels[truth.rows].astype(np.int16), truth.distances, knn.classes)
+
+
+def reference_in_space(knn: KnnIndex, pixels: Reference, settings: SweepSettings,
+                       log: Log) -> Reference:
+    """The reference for `knn`: the pixel one, or exact search in its own ranking space."""
+    if knn.space_key == "pixels":
+        return pixels
+    truth = ground_truth(knn, settings.k, settings.threads, log)
+    return dataclasses.replace(pixels, truth=truth, exact_predictions=exact_vote(knn, truth),
+                               space=knn.space)
 
 
 # --- timing --------------------------------------------------------------------------------
@@ -134,13 +155,19 @@ def grid_points(search_grid: dict) -> list[dict]:
 
 @dataclass(frozen=True)
 class Reference:
-    """What every row is measured against: labels, exact neighbours, the exact vote."""
+    """What every row is measured against: labels, and the exact neighbours and exact vote in
+    the row's ranking space (pixels for the raw indexes and the baselines)."""
 
     queries: np.ndarray
     labels: np.ndarray
     truth: Neighbours
     exact_predictions: np.ndarray
     latency_sample: np.ndarray
+    space: str = "pixels"
+
+    @property
+    def exact_accuracy(self) -> float:
+        return accuracy(self.exact_predictions, self.labels)
 
 
 def measured_row(name: str, kind: str, factory: str, params: dict, reference: Reference,
@@ -148,7 +175,8 @@ def measured_row(name: str, kind: str, factory: str, params: dict, reference: Re
                  latency: dict, build_seconds: float, index_mb: float | None) -> dict:
     """One result row: quality against the reference, speed, and cost."""
     median = statistics.median(times)
-    return {"index": name, "kind": kind, "factory": factory, "params": params, "k": k,
+    return {"index": name, "kind": kind, "factory": factory, "space": reference.space,
+            "params": params, "k": k, "exact_accuracy": reference.exact_accuracy,
             "recall": recall(distances, reference.truth.distances, k),
             "accuracy": accuracy(predictions, reference.labels),
             "agreement": accuracy(predictions, reference.exact_predictions),
@@ -284,15 +312,16 @@ def pareto_frontier(rows: list[dict], x: str = "recall", y: str = "queries_per_s
     return sorted(frontier, key=lambda r: r[x])
 
 
-def operating_points(rows: list[dict], exact_accuracy: float) -> list[dict]:
+def operating_points(rows: list[dict]) -> list[dict]:
     """Per index: the fastest setting reaching each recall target, and the fastest whose
-    accuracy is within 0.001 of exact search's."""
+    accuracy is within 0.001 of exact search's in the same space."""
     points = []
     for name in dict.fromkeys(row["index"] for row in rows):
         candidates = [row for row in rows if row["index"] == name]
         targets = [(f"recall ≥ {t:g}", lambda r, t=t: r["recall"] >= t) for t in RECALL_TARGETS]
         targets.append((f"accuracy ≥ exact - {ACCURACY_TOLERANCE:g}",
-                        lambda r: r["accuracy"] >= exact_accuracy - ACCURACY_TOLERANCE - 1e-12))
+                        lambda r: r["accuracy"] >= r["exact_accuracy"] - ACCURACY_TOLERANCE
+                        - 1e-12))
         for label, reached in targets:
             meeting = [row for row in candidates if reached(row)]
             best = max(meeting, key=lambda r: r["queries_per_second"]) if meeting else None
@@ -320,7 +349,8 @@ def best_operating_row(rows: list[dict], exact_accuracy: float) -> dict:
 
 # --- files ---------------------------------------------------------------------------------
 
-CSV_COLUMNS = ["index", "kind", "factory", "params", "k", "recall", "accuracy", "agreement",
+CSV_COLUMNS = ["index", "kind", "factory", "space", "params", "k", "recall", "accuracy",
+               "exact_accuracy", "agreement",
                "queries_per_second", "batch_median_s", "batch_best_s", "batch_runs", "p50_ms",
                "p95_ms", "p99_ms", "latency_queries", "build_seconds", "index_mb",
                "peak_memory_mb"]
@@ -363,7 +393,7 @@ def plot_recall_vs_qps(path: Path, rows: list[dict], k: int) -> None:
     save_figure(figure, path)
 
 
-def plot_accuracy_vs_latency(path: Path, rows: list[dict], exact_accuracy: float, k: int) -> None:
+def plot_accuracy_vs_latency(path: Path, rows: list[dict], k: int) -> None:
     from mnist_ann.plots import plt, save_figure
 
     figure, axis = plt.subplots(figsize=(8, 5.5))
@@ -374,8 +404,11 @@ def plot_accuracy_vs_latency(path: Path, rows: list[dict], exact_accuracy: float
                           marker="o", label=name)
         axis.scatter([r["p99_ms"] for r in mine], [r["accuracy"] for r in mine],
                      color=line.get_color(), alpha=0.3, s=14)
-    axis.axhline(exact_accuracy, color="black", linestyle="--", linewidth=1,
-                 label=f"exact k={k} vote ({exact_accuracy:.4f})")
+    exact_by_space = {row["space"]: row["exact_accuracy"] for row in rows}
+    for (space, exact), style in zip(exact_by_space.items(), itertools.cycle(["--", ":", "-."]),
+                                     strict=False):
+        axis.axhline(exact, color="black", linestyle=style, linewidth=1,
+                     label=f"exact k={k} vote, {space} ({exact:.4f})")
     axis.set_xscale("log")
     axis.set_xlabel("single-query p99 latency (ms, log scale)")
     axis.set_ylabel("accuracy")
@@ -409,8 +442,8 @@ def html_table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-RESULT_COLUMNS = ["index", "params", "recall", "accuracy", "agreement", "queries_per_second",
-                  "p50_ms", "p99_ms", "build_seconds", "index_mb"]
+RESULT_COLUMNS = ["index", "space", "params", "recall", "accuracy", "agreement",
+                  "queries_per_second", "p50_ms", "p99_ms", "build_seconds", "index_mb"]
 POINT_COLUMNS = ["index", "target", "params", "recall", "accuracy", "queries_per_second",
                  "p99_ms"]
 IMAGES = [("recall_vs_qps.png", "Recall against queries per second"),
@@ -491,11 +524,9 @@ def run_report(collection: Collection, out: Path, index_names: list[str] | None 
         raise MnistAnnError(f"{collection.name}: the test table has no labels")
     flat = KnnIndex(collection, "flat")
     truth = ground_truth(flat, settings.k, settings.threads, log)
-    exact_predictions = vote(collection.train().labels[truth.rows].astype(np.int16),
-                             truth.distances, flat.classes)
     sample = np.random.default_rng(0).choice(len(test), min(settings.latency_queries,
                                                             len(test)), replace=False)
-    reference = Reference(test.pixels, test.labels, truth, exact_predictions,
+    reference = Reference(test.pixels, test.labels, truth, exact_vote(flat, truth),
                           test.pixels[np.sort(sample)])
     rows: list[dict] = []
     for name in names:
@@ -503,7 +534,8 @@ def run_report(collection: Collection, out: Path, index_names: list[str] | None 
         points = len(grid_points(knn.entry.get("search_grid", {})))
         log(f"sweeping {name} ({points} settings)")
         with progress(f"{name}", points) as bar:
-            rows += sweep_index(knn, reference, settings, bar, log)
+            rows += sweep_index(knn, reference_in_space(knn, reference, settings, log),
+                                settings, bar, log)
     if baseline:
         rows.append(sklearn_row(collection, reference, settings, log))
     if peers and hnswlib_available():
@@ -512,8 +544,8 @@ def run_report(collection: Collection, out: Path, index_names: list[str] | None 
                              hnsw_grid or [8, 16, 32, 64, 128, 256, 512], log, progress)
     elif peers:
         log("peer: hnswlib is not installed (pip install '.[peers]'); no peer curve")
-    exact_accuracy = accuracy(exact_predictions, test.labels)
-    points = operating_points(rows, exact_accuracy)
+    exact_accuracy = reference.exact_accuracy
+    points = operating_points(rows)
     best = best_operating_row(rows, exact_accuracy)
     out.mkdir(parents=True, exist_ok=True)
     from mnist_ann.plots import confusion_heatmap
@@ -523,7 +555,7 @@ def run_report(collection: Collection, out: Path, index_names: list[str] | None 
                       f"{best['index']} {format_params(best['params'])}: accuracy "
                       f"{best['accuracy']:.4f}")
     plot_recall_vs_qps(out / "recall_vs_qps.png", rows, settings.k)
-    plot_accuracy_vs_latency(out / "accuracy_vs_latency.png", rows, exact_accuracy, settings.k)
+    plot_accuracy_vs_latency(out / "accuracy_vs_latency.png", rows, settings.k)
     meta = {"collection": collection.name, "split": collection.manifest["split"],
             "rows": collection.manifest["rows"],
             "fingerprint": collection.manifest["dataset"]["fingerprint"], "k": settings.k,

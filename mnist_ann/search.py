@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-from mnist_ann.build import default_threads, set_threads
+from mnist_ann.build import SPEC_FIELDS, default_threads, set_threads
 from mnist_ann.errors import IntegrityError, InvalidArgument, MnistAnnError
 from mnist_ann.metrics import WEIGHTS, vote
 from mnist_ann.mnist import N_PIXELS
+from mnist_ann.pipeline import apply_pipeline
 from mnist_ann.recipes import check_search_parameters, index_layers, make_search_parameters
 from mnist_ann.store import Collection
 
@@ -20,7 +22,7 @@ RERANK_EXTRA = 8
 # FAISS computes |q|² + |x|² - 2 q·x in float32; over 784 terms its error stays far below
 # 784 · 2⁻²⁴ · (|q|² + |x|²) ≈ 4.7e-5 · (|q|² + |x|²). Four times that is our safety margin.
 FLOAT32_RELATIVE_MARGIN = 2e-4
-MISSING = np.iinfo(np.int64).max
+MISSING = np.iinfo(np.int64).max  # the distance of a missing neighbour in integer spaces
 RERANK_CHUNK = 1024
 
 
@@ -29,7 +31,8 @@ class Neighbours:
     """The k nearest training rows of each query, ordered by (exact distance, row).
 
     rows: int64 [n, k] positions in the training table (-1 where the index found fewer);
-    distances: int64 [n, k] exact squared L2 distances (MISSING where rows is -1).
+    distances: [n, k] squared L2 distances in the ranking space: exact int64 over pixels
+    (MISSING where rows is -1), float64 over float32 features (inf where rows is -1).
     """
 
     rows: np.ndarray
@@ -51,13 +54,19 @@ class Classification:
     stats: dict = field(default_factory=dict)
 
 
-def squared_norms(pixels: np.ndarray) -> np.ndarray:
-    wide = pixels.astype(np.int64)
+def squared_norms(vectors: np.ndarray) -> np.ndarray:
+    wide = vectors.astype(np.int64 if vectors.dtype == np.uint8 else np.float64)
     return np.einsum("ij,ij->i", wide, wide)
 
 
 def exact_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Exact integer squared L2 between each query [n, 784] and its candidate rows [n, c]."""
+    """Exact squared L2 between each query [n, d] and its candidate rows [n, c].
+
+    uint8 pixels give exact int64 distances; float32 features give their float32 squared
+    differences summed by FAISS (as float64), every pair computed the same way.
+    """
+    if train.dtype != np.uint8:
+        return _float_distances(train, queries, rows)
     result = np.full(rows.shape, MISSING, dtype=np.int64)
     for start in range(0, len(queries), RERANK_CHUNK):
         block = slice(start, start + RERANK_CHUNK)
@@ -68,6 +77,19 @@ def exact_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) ->
         squared = np.einsum("ncd,ncd->nc", diff, diff, dtype=np.int32).astype(np.int64)
         result[block] = np.where(candidates >= 0, squared, MISSING)
     return result
+
+
+def _float_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    # FAISS's direct float32 squared differences, the same computation its HNSW and IVF
+    # scanners use (no |q|² + |x|² - 2q·x cancellation), for every pair alike
+    train = np.ascontiguousarray(train, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    result = np.empty(rows.shape, np.float32)
+    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(result), faiss.swig_ptr(queries),
+                            faiss.swig_ptr(train), faiss.swig_ptr(rows), train.shape[1],
+                            len(queries), rows.shape[1])
+    return np.where(rows >= 0, result.astype(np.float64), np.inf)
 
 
 def order_exactly(rows: np.ndarray, distances: np.ndarray, k: int) -> Neighbours:
@@ -88,17 +110,61 @@ class KnnIndex:
         self.collection = collection
         self.name = name
         self.entry = entry
+        check_build_record(collection, name, entry)
         self.index = load_verified_index(collection, entry)
+        self.pipeline = tuple(entry["pipeline"])
+        # ranking in the index's space: its transforms (L2norm, PCA) are applied once, here,
+        # and the wrapped index is searched directly
+        self.transform: faiss.IndexPreTransform | None = None
+        self.searched = self.index
+        if entry["rank_space"] == "index" and isinstance(self.index, faiss.IndexPreTransform):
+            self.transform = self.index
+            self.searched = faiss.downcast_index(self.index.index)
         train = collection.train()
         if train.labels is None:
             raise MnistAnnError(f"{collection.name}: the training table has no labels")
-        self.train_pixels = train.pixels
         self.train_labels = train.labels
         self.train_ids = train.ids
         self.classes = np.unique(train.labels)
-        self.max_train_norm = int(squared_norms(train.pixels).max())
-        self.exact = all(isinstance(layer, faiss.IndexFlat) for layer in index_layers(self.index))
+        self.train_features = self.features(train.pixels)
+        if self.train_features.shape[1] != self.searched.d:
+            raise IntegrityError(f"index {name!r} searches {self.searched.d}-dimensional "
+                                 f"vectors but its pipeline gives {self.train_features.shape[1]}"
+                                 "; rebuild it with `mnist-ann build --force`")
+        self.max_train_norm = squared_norms(self.train_features).max()
+        self.exact = all(isinstance(layer, faiss.IndexFlat)
+                         for layer in index_layers(self.searched))
         self._prepared: dict[tuple, tuple[dict, faiss.SearchParameters | None]] = {}
+        self._brute_force: faiss.IndexFlatL2 | None = None
+
+    def _transforms(self) -> list[faiss.VectorTransform]:
+        if self.transform is None:
+            return []
+        return [faiss.downcast_VectorTransform(self.transform.chain.at(i))
+                for i in range(self.transform.chain.size())]
+
+    @property
+    def space(self) -> str:
+        """The space of the final exact ranking, in words: pixels, deskew, PCA48, ..."""
+        steps = [*self.pipeline, *map(describe_transform, self._transforms())]
+        return " → ".join(steps) or "pixels"
+
+    @property
+    def space_key(self) -> str:
+        """A file-name-safe key of the ranking space; a fitted transform makes it this index's
+        own, so its key carries the index file's checksum."""
+        key = "-".join(self.pipeline) or "pixels"
+        return f"{key}-{self.entry['sha256'][:12]}" if self.transform is not None else key
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 queries [n, 784] in the ranking space: the pixels themselves when no pipeline
+        or transform applies, else float32 features."""
+        if not self.pipeline and self.transform is None:
+            return pixels
+        features = apply_pipeline(self.pipeline, pixels)
+        for transform in self._transforms():
+            features = transform.apply(features)
+        return features
 
     @property
     def ntotal(self) -> int:
@@ -110,7 +176,7 @@ class KnnIndex:
         if key not in self._prepared:
             merged = {**self.entry.get("search_defaults", {}), **(overrides or {})}
             checked = check_search_parameters(self.index, merged, f"index {self.name!r}")
-            self._prepared[key] = checked, make_search_parameters(self.index, checked)
+            self._prepared[key] = checked, make_search_parameters(self.searched, checked)
         return self._prepared[key]
 
     def parameters(self, overrides: dict | None = None) -> dict:
@@ -119,20 +185,34 @@ class KnnIndex:
 
     def search(self, pixels: np.ndarray, k: int, params: dict | None = None) -> Neighbours:
         """The k nearest training rows of each uint8 query [n, 784], exactly ranked."""
+        _, faiss_params = self._prepare(params)
+        return self._ranked(self.searched, self.exact, self.features(pixels), k, faiss_params)
+
+    def exact_search(self, pixels: np.ndarray, k: int) -> Neighbours:
+        """The certified exact k nearest neighbours in this index's ranking space, by brute
+        force: the ground truth its recall is measured against."""
+        if self.exact:
+            return self.search(pixels, k)
+        if self._brute_force is None:
+            self._brute_force = faiss.IndexFlatL2(self.train_features.shape[1])
+            self._brute_force.add(np.ascontiguousarray(self.train_features, dtype=np.float32))
+        return self._ranked(self._brute_force, True, self.features(pixels), k, None)
+
+    def _ranked(self, index: faiss.Index, exhaustive: bool, features: np.ndarray, k: int,
+                faiss_params: faiss.SearchParameters | None) -> Neighbours:
         if not 1 <= k <= self.ntotal:
             raise InvalidArgument(f"k must be between 1 and the training size {self.ntotal}, "
                                   f"not {k}")
-        _, faiss_params = self._prepare(params)
-        queries = np.ascontiguousarray(pixels, dtype=np.float32)
+        queries = np.ascontiguousarray(features, dtype=np.float32)
         width = min(k + RERANK_EXTRA, self.ntotal)
-        float_distances, rows = self.index.search(queries, width, params=faiss_params)
-        exact = exact_distances(self.train_pixels, pixels, rows)
-        best = order_exactly(rows, exact, k)
-        if self.exact:
-            best = self._certify(pixels, queries, k, faiss_params, best, float_distances, width)
+        float_distances, rows = index.search(queries, width, params=faiss_params)
+        best = order_exactly(rows, exact_distances(self.train_features, features, rows), k)
+        if exhaustive:
+            best = self._certify(index, features, queries, k, faiss_params, best,
+                                 float_distances, width)
         return best
 
-    def _certify(self, pixels: np.ndarray, queries: np.ndarray, k: int,
+    def _certify(self, index: faiss.Index, features: np.ndarray, queries: np.ndarray, k: int,
                  faiss_params: faiss.SearchParameters | None, best: Neighbours,
                  float_distances: np.ndarray, width: int) -> Neighbours:
         """Widen the candidate list of queries where float32 rounding could hide a neighbour.
@@ -141,15 +221,16 @@ class KnnIndex:
         last returned one; once that, less the rounding margin, exceeds the exact k-th
         distance, no unseen row can belong in the top k.
         """
-        margins = FLOAT32_RELATIVE_MARGIN * (squared_norms(pixels) + self.max_train_norm) + 1
+        margins = FLOAT32_RELATIVE_MARGIN * (squared_norms(features) + self.max_train_norm)
+        if features.dtype == np.uint8:
+            margins += 1  # integer distances: a tie at the k-th distance must be looked at
         rows_out, distances_out = best.rows.copy(), best.distances.copy()
         pending = np.flatnonzero(float_distances[:, -1] - margins <= best.distances[:, -1])
         while len(pending) and width < self.ntotal:
             width = min(width * 4, self.ntotal)
-            more_float, more_rows = self.index.search(queries[pending], width,
-                                                      params=faiss_params)
-            more = order_exactly(more_rows, exact_distances(self.train_pixels, pixels[pending],
-                                                            more_rows), k)
+            more_float, more_rows = index.search(queries[pending], width, params=faiss_params)
+            more = order_exactly(more_rows, exact_distances(
+                self.train_features, features[pending], more_rows), k)
             rows_out[pending], distances_out[pending] = more.rows, more.distances
             still = more_float[:, -1] - margins[pending] <= more.distances[:, -1]
             pending = pending[still]
@@ -174,12 +255,43 @@ class KnnIndex:
                               weights, seconds, threads)
 
 
+def describe_transform(transform: faiss.VectorTransform) -> str:
+    if isinstance(transform, faiss.PCAMatrix):
+        return f"PCA{transform.d_out}"
+    if isinstance(transform, faiss.NormalizationTransform):
+        return "L2norm"
+    return type(transform).__name__
+
+
 def check_queries(pixels: np.ndarray) -> None:
     if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != N_PIXELS:
         raise InvalidArgument(f"queries must be uint8 [n, {N_PIXELS}], not "
                               f"{pixels.dtype}{list(pixels.shape)}")
     if len(pixels) == 0:
         raise InvalidArgument("no queries to classify: the input is empty")
+
+
+def check_build_record(collection: Collection, name: str, entry: dict) -> None:
+    """Refuse an index whose manifest entry no longer says how it was built.
+
+    The build record is written beside the index, checksummed in the manifest, and names the
+    index file's sha256: an edited pipeline, factory or ranking space is caught here.
+    """
+    rebuild = f"rebuild it with `mnist-ann build --collection {collection.name} --index " \
+              f"{entry.get('recipe', name)} --force`"
+    if "record" not in entry:
+        raise IntegrityError(f"index {name!r} has no build record in the manifest (built by an "
+                             f"older mnist-ann, or the manifest was edited); {rebuild}")
+    record = json.loads(collection.verified(entry["record"]).read_text())
+    if record.get("index_sha256") != entry.get("sha256"):
+        raise IntegrityError(f"index {name!r}: its build record belongs to another index file; "
+                             f"{rebuild}")
+    for field_name in SPEC_FIELDS:
+        if record.get(field_name) != entry.get(field_name):
+            raise IntegrityError(
+                f"index {name!r}: the manifest says {field_name} {entry.get(field_name)!r} but "
+                f"the index was built with {record.get(field_name)!r} (the manifest was edited "
+                f"after the build); restore the manifest or {rebuild}")
 
 
 def load_verified_index(collection: Collection, entry: dict) -> faiss.Index:

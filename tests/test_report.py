@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mnist_ann.build import build_indexes
+from mnist_ann.metrics import vote
 from mnist_ann.recipes import resolve_recipe
 from mnist_ann.report import pareto_frontier
 from mnist_ann.search import KnnIndex
@@ -40,7 +41,8 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Collection:
     labels[::9] = (labels[::9] + 1) % 10  # label noise, so that accuracy is not trivially 1
     collection = make_collection(store, "small", images, labels)
     build_indexes(collection, [resolve_recipe(name, len(collection.train()))
-                               for name in ("flat", "ivf", "hnsw")], threads=2)
+                               for name in ("flat", "ivf", "hnsw", "deskew-pca-hnsw")],
+                  threads=2)
     return Collection.open(store, "small")
 
 
@@ -121,6 +123,27 @@ def test_recall_and_accuracy_recomputed_from_raw_neighbours(report: dict,
             assert float(row["accuracy"]) == pytest.approx(exact_accuracy, abs=1e-12)
         assert float(row["queries_per_second"]) > 0
         assert float(row["p50_ms"]) <= float(row["p95_ms"]) <= float(row["p99_ms"])
+
+
+def test_pipeline_rows_are_measured_in_their_own_space(report: dict, small: Collection) -> None:
+    knn = KnnIndex(small, "deskew-pca-hnsw")
+    train_features = knn.train_features.astype(np.float64)
+    queries = knn.features(small.test().pixels).astype(np.float64)
+    all_distances = ((queries[:, None, :] - train_features[None]) ** 2).sum(-1)
+    true_rows = np.argsort(all_distances, axis=1, kind="stable")[:, :7]
+    true_kth = np.take_along_axis(all_distances, true_rows, 1)[:, -1:]
+    exact_votes = vote(small.train().labels[true_rows].astype(np.int16), None, knn.classes)
+    rows = [row for row in report["rows"] if row["index"] == "deskew-pca-hnsw"]
+    assert rows and all(row["space"] == "deskew → L2norm → PCA48" for row in rows)
+    for row in rows:
+        found = knn.search(small.test().pixels, 7, json.loads(row["params"]))
+        distances = np.take_along_axis(all_distances, found.rows, 1)
+        assert float(row["recall"]) == pytest.approx(
+            np.mean(distances <= true_kth * (1 + 1e-5)), abs=1e-12)
+        assert float(row["exact_accuracy"]) == pytest.approx(
+            np.mean(exact_votes == small.test().labels), abs=1e-12)
+    cached = f"truth-k7-deskew-{small.indexes['deskew-pca-hnsw']['sha256'][:12]}.parquet"
+    assert cached in json.loads((small.root / "manifest.json").read_text())["files"]
 
 
 def test_operating_points_are_the_fastest_meeting_each_target(report: dict) -> None:

@@ -1,0 +1,179 @@
+"""Feature pipelines: deskew itself, pipelines applied at query time, edited manifests refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import assert_clean_error, exact_knn, make_collection, run_cli
+from scipy.ndimage import affine_transform
+
+from mnist_ann.build import build_indexes
+from mnist_ann.metrics import recall, vote
+from mnist_ann.pipeline import CENTRE, SIDE, apply_pipeline, deskew
+from mnist_ann.recipes import resolve_recipe
+from mnist_ann.search import KnnIndex
+from mnist_ann.store import Collection
+
+pytestmark = pytest.mark.slow  # real MNIST digits
+
+
+def image_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre of mass and shear cov(r, c) / var(r), computed plainly per image in float64."""
+    rows, cols = np.mgrid[:SIDE, :SIDE]
+    x = images.reshape(-1, SIDE, SIDE).astype(np.float64)
+    total = x.sum((1, 2))
+    mean_r = (x * rows).sum((1, 2)) / total
+    mean_c = (x * cols).sum((1, 2)) / total
+    dr = rows[None] - mean_r[:, None, None]
+    dc = cols[None] - mean_c[:, None, None]
+    shear = (x * dr * dc).sum((1, 2)) / (x * dr * dr).sum((1, 2))
+    return mean_r, mean_c, shear
+
+
+def shear(images: np.ndarray, alpha: float) -> np.ndarray:
+    """Shear each image by alpha (column shift alpha·(row - centre)), bilinear, as uint8."""
+    matrix = np.array([[1.0, 0.0], [-alpha, 1.0]])
+    offset = np.array([0.0, alpha * CENTRE])
+    out = [affine_transform(image.reshape(SIDE, SIDE).astype(np.float64), matrix,
+                            offset=offset, order=1) for image in images]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(len(images), -1)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist) -> tuple[np.ndarray, np.ndarray]:
+    return mnist.images[:3000], mnist.labels[:3000]
+
+
+def test_deskew_undoes_a_synthetic_shear(digits) -> None:
+    images = digits[0][:300]
+    upright = deskew(images)
+    for alpha in (-0.6, 0.4):
+        sheared = shear(images, alpha)
+        _, _, before = image_moments(sheared)
+        assert np.median(np.abs(before - image_moments(images)[2] - alpha)) < 0.05
+        again = deskew(sheared)
+        _, _, after = image_moments(again)
+        assert np.abs(after).max() < 0.05  # the shear is gone...
+        # ...and the digit is the one deskewed from the unsheared image (up to the rounding
+        # and resampling of the synthetic shear), far closer than the sheared image was
+        gap = np.abs(again - upright).mean(axis=1)
+        sheared_gap = np.abs(sheared.astype(np.float32) - images).mean(axis=1)
+        assert np.median(gap) < 0.2 * np.median(sheared_gap)
+
+
+def test_deskew_centres_each_digit_and_matches_a_per_image_reference(digits) -> None:
+    images = digits[0][:500]
+    ours = deskew(images)
+    mean_r, mean_c, _ = image_moments(ours)
+    off_centre = np.maximum(np.abs(mean_r - CENTRE), np.abs(mean_c - CENTRE))
+    # exact up to the ink a strong shear pushes past the border
+    assert np.median(off_centre) < 1e-4 and np.mean(off_centre < 0.05) > 0.98
+    # the classic per-image moment deskew with scipy, bilinear: the affine map maps output
+    # (r, c) to input (r + m_r - centre, c + shear·(r - centre) + m_c - centre)
+    m_r, m_c, alpha = image_moments(images)
+    for i in range(0, 500, 37):
+        matrix = np.array([[1.0, 0.0], [alpha[i], 1.0]])
+        offset = np.array([m_r[i], m_c[i]]) - matrix @ np.array([CENTRE, CENTRE])
+        reference = affine_transform(images[i].reshape(SIDE, SIDE).astype(np.float64), matrix,
+                                     offset=offset, order=1)
+        np.testing.assert_allclose(ours[i], reference.ravel(), atol=2e-3)
+    # one image at a time gives the batch's answer (block boundaries change nothing)
+    single = np.concatenate([deskew(images[i:i + 1]) for i in range(0, 500, 50)])
+    np.testing.assert_array_equal(single, ours[::50])
+
+
+def test_deskew_of_empty_and_blank_images(digits) -> None:
+    assert deskew(np.zeros((0, 784), np.uint8)).shape == (0, 784)
+    blank = deskew(np.zeros((3, 784), np.uint8))
+    assert np.all(blank == 0)
+
+
+@pytest.fixture(scope="module")
+def real(digits, tmp_path_factory: pytest.TempPathFactory) -> Collection:
+    store = tmp_path_factory.mktemp("pipeline-store")
+    collection = make_collection(store, "mini", *digits)
+    build_indexes(collection, [resolve_recipe(name, len(collection.train()))
+                               for name in ("flat", "deskew-flat", "deskew-pca-ivf")], threads=2)
+    return Collection.open(store, "mini")
+
+
+def brute_force(train: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Squared L2 in float64 over float features, ordered by (distance, row)."""
+    t, q = train.astype(np.float64), queries.astype(np.float64)
+    distances = ((q[:, None, :] - t[None]) ** 2).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(len(t)), distances.shape), distances), axis=1)
+    return np.take_along_axis(distances, order[:, :k], 1), order[:, :k]
+
+
+def test_cli_query_applies_the_index_pipeline(real: Collection, tmp_path: Path) -> None:
+    train, test = real.train(), real.test()
+    output = tmp_path / "predictions.parquet"
+    result = run_cli("query", "--store", real.root.parent, "--collection", "mini", "--index",
+                     "deskew-flat", "--output", output, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["space"] == "deskew"
+    table = pq.read_table(output)
+    found_ids = np.array(table.column("neighbors").to_pylist())
+    row_of_id = {int(mnist_id): row for row, mnist_id in enumerate(train.ids)}
+    rows = np.vectorize(row_of_id.__getitem__)(found_ids)
+
+    deskewed_train, deskewed_test = deskew(train.pixels), deskew(test.pixels)
+    true_distances, true_rows = brute_force(deskewed_train, deskewed_test, 7)
+    found = ((deskewed_test[:, None, :].astype(np.float64)
+              - deskewed_train[rows].astype(np.float64)) ** 2).sum(-1)
+    assert recall(found, true_distances, 7) == 1.0
+    np.testing.assert_allclose(np.array(table.column("distances").to_pylist()), found,
+                               rtol=1e-5)
+    votes = vote(train.labels[true_rows].astype(np.int16), true_distances, np.arange(10))
+    assert np.mean(table.column("predicted").to_numpy() == votes) > 0.995
+
+    # the test would fail had the pixels been searched instead: their neighbours differ
+    _, pixel_rows = exact_knn(train.pixels, test.pixels, 7)
+    differs = np.mean([set(a) != set(b) for a, b in zip(rows, pixel_rows, strict=True)])
+    assert differs > 0.3
+
+
+def test_pca_index_ranks_in_its_own_space_and_is_exact_at_full_probe(real: Collection) -> None:
+    knn = KnnIndex(real, "deskew-pca-ivf")
+    assert knn.space == "deskew → L2norm → PCA48"
+    test = real.test()
+    features = knn.features(test.pixels)
+    assert features.shape == (len(test), 48)
+    expected = apply_pipeline(("deskew",), test.pixels)
+    for transform in knn._transforms():
+        expected = transform.apply(expected)
+    np.testing.assert_array_equal(features, expected)
+    true_distances, _ = brute_force(knn.train_features, features, 7)
+    nlist = real.indexes["deskew-pca-ivf"]["build_args"]["nlist"]
+    everything = knn.search(test.pixels, 7, {"nprobe": nlist})
+    assert recall(everything.distances, true_distances, 7) == 1.0
+    low = knn.search(test.pixels, 7, {"nprobe": 1})
+    assert recall(low.distances, true_distances, 7) < 1.0
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda entry, other: entry.update(pipeline=[]), "pipeline"),
+    (lambda entry, other: entry.update(rank_space="index"), "rank_space"),
+    (lambda entry, other: entry.pop("record"), "no build record"),
+    (lambda entry, other: entry.update(record=other["record"]), "another index file"),
+])
+def test_manifest_with_an_edited_pipeline_is_refused(real: Collection, tmp_path: Path, edit,
+                                                     fragment: str) -> None:
+    manifest_path = real.root / "manifest.json"
+    original = manifest_path.read_text()
+    try:
+        manifest = json.loads(original)
+        edit(manifest["indexes"]["deskew-flat"], manifest["indexes"]["flat"])
+        manifest_path.write_text(json.dumps(manifest))
+        result = run_cli("query", "--store", real.root.parent, "--collection", "mini",
+                         "--index", "deskew-flat", "--output", tmp_path / "out.csv")
+        assert_clean_error(result, 1, fragment)
+        assert not (tmp_path / "out.csv").exists()
+    finally:
+        manifest_path.write_text(original)
+    assert run_cli("query", "--store", real.root.parent, "--collection", "mini", "--index",
+                   "deskew-flat").exit_code == 0
