@@ -173,8 +173,8 @@ def render_collection(summary: dict) -> str:
     for filename in ("train.parquet", "test.parquet"):
         lines.append(f"  {filename}: {summary['files'][filename]['bytes'] / 1e6:.1f} MB")
     for name, entry in summary["indexes"].items():
-        pipeline = " → ".join(entry.get("pipeline") or []) or "pixels"
-        lines.append(f"  index {name}: {pipeline} → {entry['factory']} ({entry['recipe']}), "
+        steps = " → ".join([*(entry.get("pipeline") or []), entry["factory"]])
+        lines.append(f"  index {name}: {steps} ({entry['recipe']}), "
                      f"{entry['ntotal']:,} vectors, {entry['bytes'] / 1e6:.1f} MB, built in "
                      f"{entry['build_seconds']:.1f} s with {entry['threads']} threads "
                      f"[{entry['file']}]")
