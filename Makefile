@@ -18,8 +18,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/mnist-ann fetch
 	$(BIN)/mnist-ann build --split seed --index flat --index ivf --index hnsw \
-		--index deskew-flat --index deskew-pca-ivf --index deskew-pca-hnsw
-	for index in flat ivf hnsw deskew-pca-ivf; do \
+		--index deskew-flat --index deskew-pca-ivf --index deskew-pca-hnsw \
+		--index pca-hnsw --index exact-pca
+	$(BIN)/mnist-ann tune --collection seed --index pca-hnsw --recall 0.999
+	for index in flat ivf hnsw deskew-pca-ivf pca-hnsw exact-pca; do \
 		$(BIN)/mnist-ann query --collection seed --index $$index || exit 1; done
 	$(BIN)/mnist-ann report --collection seed --out reports/seed
 

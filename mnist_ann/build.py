@@ -91,13 +91,13 @@ def check_clashes(collection: Collection, recipes: list[Recipe], force: bool) ->
     """Refuse, before anything is built, to replace an index built from another recipe."""
     for recipe in recipes:
         entry = collection.indexes.get(recipe.name)
-        if entry is not None and not force and _spec(entry) != recipe.spec():
+        if entry is not None and not force and _spec(entry) != _spec(recipe.spec()):
             raise MnistAnnError(f"index {recipe.name!r} exists with factory {entry['factory']!r} "
                                 f"{entry['build_args']}; use --force to replace it, or another "
                                 "name")
 
 
-SPEC_FIELDS = ("recipe", "factory", "build_args", "pipeline", "rank_space")
+SPEC_FIELDS = ("recipe", "factory", "build_args", "pipeline", "rank_space", "certified")
 RECORD_SUFFIX = ".build.json"
 
 
@@ -108,7 +108,7 @@ def _spec(entry: dict) -> dict:
 def is_current(collection: Collection, recipe: Recipe) -> bool:
     entry = collection.indexes.get(recipe.name)
     train_sha = collection.manifest["files"][TRAIN_FILE]["sha256"]
-    return (entry is not None and _spec(entry) == recipe.spec()
+    return (entry is not None and _spec(entry) == _spec(recipe.spec())
             and entry["train_sha256"] == train_sha
             and (collection.root / entry["file"]).is_file())
 

@@ -249,6 +249,8 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
                "seconds": round(result.seconds, 4),
                "queries_per_second": round(len(queries.pixels) / result.seconds, 1),
                "threads": result.threads}
+    if result.stats:
+        summary["certified"] = result.stats
     if queries.labels is not None:
         correct = int((result.predictions == queries.labels).sum())
         summary |= {"accuracy": correct / len(queries.labels), "correct": correct}
@@ -304,6 +306,52 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
         POINT_COLUMNS))
     click.echo(f"\nreport written to {out / 'report.html'} (and report.md, results.csv, "
                "results.json, plots)")
+
+
+@main.command()
+@collection_option
+@click.option("--index", "index_name", required=True, help="Index of the collection to tune.")
+@click.option("--recall", "recall_target", type=click.FloatRange(0, 1, min_open=True),
+              default=None, help="Target: recall@k at least this, e.g. 0.99.")
+@click.option("--accuracy-within", type=click.FloatRange(0, 1), default=None,
+              help="Target: accuracy within this of exact search's, e.g. 0.001.")
+@k_option
+@click.option("--held-out", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Training rows searched leave-one-out (the test set is never read).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the held-out sample.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed runs per setting; the median counts.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads while timing each setting.")
+@store_option
+@quiet_option
+@json_option
+@library_errors
+def tune(collection_name: str, index_name: str, recall_target: float | None,
+         accuracy_within: float | None, k: int, held_out: int, seed: int, repeats: int,
+         threads: int, store: Path | None, quiet: bool, as_json: bool) -> None:
+    """Record the fastest search setting that meets a target as the index's default."""
+    from mnist_ann.report import format_cell, format_params
+    from mnist_ann.tune import Target, tune_index
+
+    if (recall_target is None) == (accuracy_within is None):
+        raise click.UsageError("give exactly one target: --recall R or --accuracy-within D")
+    target = (Target("recall", recall_target) if recall_target is not None
+              else Target("accuracy", accuracy_within))
+    collection = Collection.open(resolve_store(store), collection_name)
+    result = tune_index(collection, index_name, target, k, held_out, seed, threads, repeats,
+                        stderr_log(quiet), progress_bars(quiet))
+    if as_json:
+        emit(result, True)
+        return
+    columns = ["params", "recall", "accuracy", "queries_per_second", "meets_target"]
+    rows = [{**{key: format_cell(row[key]) for key in columns},
+             "params": format_params(row["params"])} for row in result["measured"]]
+    click.echo(format_table(rows, columns))
+    click.echo(f"\n{index_name}: default is now {format_params(result['chosen']['params'])} "
+               f"({target.describe()} on {held_out:,} held-out training rows; exact accuracy "
+               f"there {result['exact_accuracy']:.4f})")
 
 
 @main.command()

@@ -34,6 +34,8 @@ ACCURACY_TOLERANCE = 0.001
 SKLEARN_ROW = "scikit-learn"
 HNSWLIB_ROW = "hnswlib"
 HNSWLIB_BUILD = {"M": 16, "ef_construction": 200}
+# certified-exact indexes: candidates verified exactly per query, queries that scanned all
+CERTIFIED_COLUMNS = ["verified_median", "verified_p99", "fallback_queries"]
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int], ProgressBar]
@@ -182,7 +184,8 @@ def measured_row(name: str, kind: str, factory: str, params: dict, reference: Re
             "agreement": accuracy(predictions, reference.exact_predictions),
             "batch_median_s": median, "batch_best_s": min(times), "batch_runs": len(times),
             "queries_per_second": len(reference.queries) / median, **latency,
-            "build_seconds": build_seconds, "index_mb": index_mb,
+            "build_seconds": build_seconds, "index_mb": index_mb, "default": "",
+            **dict.fromkeys(CERTIFIED_COLUMNS),
             "peak_memory_mb": peak_memory_mb(), "predictions": predictions.astype(np.uint8)}
 
 
@@ -195,6 +198,7 @@ def sweep_index(knn: KnnIndex, reference: Reference, settings: SweepSettings,
     """
     grid = knn.entry.get("search_grid", {})
     points = grid_points(grid)
+    defaults = knn.parameters()
     rows: list[dict] = []
     for position, params in enumerate(points):
         def run(queries: np.ndarray = reference.queries, params: dict = params) -> object:
@@ -209,8 +213,12 @@ def sweep_index(knn: KnnIndex, reference: Reference, settings: SweepSettings,
             knn.name, "mnist-ann", knn.entry["factory"], result.params, reference, settings.k,
             result.neighbours.distances, result.predictions, times, latency,
             knn.entry["build_seconds"], knn.entry["bytes"] / 1e6))
+        rows[-1].update({key: result.stats.get(key) for key in CERTIFIED_COLUMNS})
+        if result.params == defaults:  # the setting `query` uses when not told otherwise
+            rows[-1]["default"] = "tuned" if "tuned" in knn.entry else "recipe"
         bar.update(1)
-        if len(grid) == 1 and rows[-1]["recall"] == 1.0 and position + 1 < len(points):
+        exact_already = rows[-1]["recall"] == 1.0 and not knn.certified  # always 1 there
+        if len(grid) == 1 and exact_already and position + 1 < len(points):
             log(f"{knn.name}: {format_params(result.params)} already returns the exact "
                 f"neighbours; the {len(points) - position - 1} larger settings are skipped")
             bar.update(len(points) - position - 1)
@@ -327,6 +335,7 @@ def operating_points(rows: list[dict]) -> list[dict]:
             best = max(meeting, key=lambda r: r["queries_per_second"]) if meeting else None
             points.append({"index": name, "target": label,
                            "params": format_params(best["params"]) if best else "not reached",
+                           "default": best["default"] if best else "",
                            "recall": best["recall"] if best else None,
                            "accuracy": best["accuracy"] if best else None,
                            "queries_per_second": best["queries_per_second"] if best else None,
@@ -353,7 +362,7 @@ CSV_COLUMNS = ["index", "kind", "factory", "space", "params", "k", "recall", "ac
                "exact_accuracy", "agreement",
                "queries_per_second", "batch_median_s", "batch_best_s", "batch_runs", "p50_ms",
                "p95_ms", "p99_ms", "latency_queries", "build_seconds", "index_mb",
-               "peak_memory_mb"]
+               "peak_memory_mb", "default", *CERTIFIED_COLUMNS]
 
 
 def public_row(row: dict) -> dict:
@@ -442,10 +451,11 @@ def html_table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-RESULT_COLUMNS = ["index", "space", "params", "recall", "accuracy", "agreement",
-                  "queries_per_second", "p50_ms", "p99_ms", "build_seconds", "index_mb"]
-POINT_COLUMNS = ["index", "target", "params", "recall", "accuracy", "queries_per_second",
-                 "p99_ms"]
+RESULT_COLUMNS = ["index", "space", "params", "default", "recall", "accuracy", "agreement",
+                  "queries_per_second", "p50_ms", "p99_ms", "build_seconds", "index_mb",
+                  *CERTIFIED_COLUMNS]
+POINT_COLUMNS = ["index", "target", "params", "default", "recall", "accuracy",
+                 "queries_per_second", "p99_ms"]
 IMAGES = [("recall_vs_qps.png", "Recall against queries per second"),
           ("accuracy_vs_latency.png", "Accuracy against single-query p99 latency"),
           ("confusion.png", "Confusion matrix at the best operating point")]

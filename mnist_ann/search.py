@@ -11,11 +11,18 @@ import faiss
 import numpy as np
 
 from mnist_ann.build import SPEC_FIELDS, default_threads, set_threads
+from mnist_ann.certified import LowerBounds
 from mnist_ann.errors import IntegrityError, InvalidArgument, MnistAnnError
 from mnist_ann.metrics import WEIGHTS, vote
 from mnist_ann.mnist import N_PIXELS
 from mnist_ann.pipeline import apply_pipeline
-from mnist_ann.recipes import check_search_parameters, index_layers, make_search_parameters
+from mnist_ann.recipes import (
+    CANDIDATES,
+    COMPONENTS,
+    check_search_parameters,
+    index_layers,
+    make_search_parameters,
+)
 from mnist_ann.store import Collection
 
 RERANK_EXTRA = 8
@@ -24,6 +31,12 @@ RERANK_EXTRA = 8
 FLOAT32_RELATIVE_MARGIN = 2e-4
 MISSING = np.iinfo(np.int64).max  # the distance of a missing neighbour in integer spaces
 RERANK_CHUNK = 1024
+# float32 sums of integer squares are exact below 2²⁴ (every partial sum is an integer no
+# larger than the total, and rounding is monotone, so a total at or above it stays there)
+FLOAT32_EXACT_LIMIT = 2**24
+# certified search: rows listed per verified one in the first scan, and growth per scan
+SCAN_FACTOR = 4
+ROUND_GROWTH = 16
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,7 @@ class Neighbours:
 
     rows: np.ndarray
     distances: np.ndarray
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,14 +73,37 @@ def squared_norms(vectors: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", wide, wide)
 
 
-def exact_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def exact_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray,
+                    train_float32: np.ndarray | None = None,
+                    top: int | None = None) -> np.ndarray:
     """Exact squared L2 between each query [n, d] and its candidate rows [n, c].
 
-    uint8 pixels give exact int64 distances; float32 features give their float32 squared
-    differences summed by FAISS (as float64), every pair computed the same way.
+    uint8 pixels give exact int64 distances: from FAISS's float32 SIMD sums when a float32
+    copy of `train` is given (exact below 2²⁴, recomputed in integers at or above it), else in
+    numpy integers. With `top`, sums at or above 2²⁴ are recomputed only for queries with
+    fewer than `top` candidates below it: for the others such a distance cannot be among their
+    `top` smallest, and stays its float32 sum (which, like the true distance, is ≥ 2²⁴).
+    float32 features give their float32 squared differences summed by FAISS (as float64),
+    every pair computed the same way.
     """
     if train.dtype != np.uint8:
         return _float_distances(train, queries, rows)
+    if train_float32 is None:
+        return _integer_distances(train, queries, rows)
+    sums = _float_distances(train_float32, queries, rows)
+    result = np.where(rows >= 0, sums, 0).astype(np.int64)
+    result[rows < 0] = MISSING
+    inexact = (sums >= FLOAT32_EXACT_LIMIT) & (rows >= 0)
+    needed = inexact.any(axis=1)
+    if top is not None:
+        needed &= ((sums < FLOAT32_EXACT_LIMIT) & (rows >= 0)).sum(axis=1) < top
+    large = np.flatnonzero(needed)
+    if len(large):
+        result[large] = _integer_distances(train, queries[large], rows[large])
+    return result
+
+
+def _integer_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
     result = np.full(rows.shape, MISSING, dtype=np.int64)
     for start in range(0, len(queries), RERANK_CHUNK):
         block = slice(start, start + RERANK_CHUNK)
@@ -132,8 +169,15 @@ class KnnIndex:
                                  f"vectors but its pipeline gives {self.train_features.shape[1]}"
                                  "; rebuild it with `mnist-ann build --force`")
         self.max_train_norm = squared_norms(self.train_features).max()
+        # pixels are re-ranked by FAISS's SIMD float32 sums, exact below 2²⁴ (see
+        # exact_distances), which needs them as float32: 4 bytes a pixel, 176 MB for 56,000
+        self._train_float32 = (self.train_features.astype(np.float32)
+                               if self.train_features.dtype == np.uint8 else None)
         self.exact = all(isinstance(layer, faiss.IndexFlat)
                          for layer in index_layers(self.searched))
+        self.certified = bool(entry.get("certified"))
+        self.bounds = (LowerBounds(self.index, float(np.sqrt(self.max_train_norm)),
+                                   FLOAT32_RELATIVE_MARGIN) if self.certified else None)
         self._prepared: dict[tuple, tuple[dict, faiss.SearchParameters | None]] = {}
         self._brute_force: faiss.IndexFlatL2 | None = None
 
@@ -175,7 +219,15 @@ class KnnIndex:
         key = tuple(sorted((overrides or {}).items()))
         if key not in self._prepared:
             merged = {**self.entry.get("search_defaults", {}), **(overrides or {})}
+            own = {name: merged.pop(name) for name in (COMPONENTS, CANDIDATES)
+                   if self.certified and name in merged}
             checked = check_search_parameters(self.index, merged, f"index {self.name!r}")
+            if self.bounds is not None:
+                checked[COMPONENTS] = self._check_whole(
+                    COMPONENTS, own.get(COMPONENTS, self.bounds.dimension),
+                    self.bounds.dimension, "the index's PCA dimension")
+                checked[CANDIDATES] = self._check_whole(
+                    CANDIDATES, own.get(CANDIDATES, 64), self.ntotal, "the training size")
             self._prepared[key] = checked, make_search_parameters(self.searched, checked)
         return self._prepared[key]
 
@@ -185,8 +237,81 @@ class KnnIndex:
 
     def search(self, pixels: np.ndarray, k: int, params: dict | None = None) -> Neighbours:
         """The k nearest training rows of each uint8 query [n, 784], exactly ranked."""
-        _, faiss_params = self._prepare(params)
-        return self._ranked(self.searched, self.exact, self.features(pixels), k, faiss_params)
+        checked, faiss_params = self._prepare(params)
+        if self.bounds is not None:
+            return self._certified(pixels, k, checked[COMPONENTS], checked[CANDIDATES])
+        return self._ranked(self.searched, self.exact, self.features(pixels), k, faiss_params,
+                            checked.get(CANDIDATES))
+
+    @staticmethod
+    def _check_whole(name: str, value: object, top: int, what: str) -> int:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"search parameter {name}={value!r} is not a number") from exc
+        if not number.is_integer() or not 1 <= number <= top:
+            raise InvalidArgument(f"search parameter {name}={value!r} must be a whole number "
+                                  f"from 1 to {top} ({what})")
+        return int(number)
+
+    def _certified(self, pixels: np.ndarray, k: int, components: int,
+                   first_round: int) -> Neighbours:
+        """Exact neighbours by lower-bound pruning, certified for every query.
+
+        One scan of the PCA bounds lists each query's SCAN_FACTOR · `first_round` most
+        promising rows. The first `first_round` are verified exactly; that k-th distance gives
+        a radius (the inverse of the bound), and every other listed row under it is verified
+        too. A query is done once its list ends at or beyond its radius: no row left out can
+        be a neighbour. Queries not done are scanned again for ROUND_GROWTH times more rows,
+        and at the end compared with every row (the fallback).
+        """
+        assert self.bounds is not None
+        if not 1 <= k <= self.ntotal:
+            raise InvalidArgument(f"k must be between 1 and the training size {self.ntotal}, "
+                                  f"not {k}")
+        n = len(pixels)
+        projected = self.bounds.project(pixels, components)
+        index = self.bounds.index(components)
+        query_norms = squared_norms(pixels)
+        head = min(max(first_round, k), self.ntotal)
+        width = min(head * SCAN_FACTOR, self.ntotal)
+        bounds, rows = index.search(projected, width)
+        best = order_exactly(rows[:, :head], self._top_distances(pixels, rows[:, :head], k), k)
+        rows_out, distances_out = best.rows.copy(), best.distances.copy()
+        verified = np.full(n, head, np.int64)
+        radius = self.bounds.radius(best.distances[:, -1], query_norms, projected, components)
+        pending, fallback = np.arange(n), 0
+        last = bounds[:, -1]  # every row not listed has a bound at least this
+        bounds, rows = bounds[:, head:], rows[:, head:]
+        while True:
+            # rows listed but not yet verified whose bound may still reach the k nearest
+            known = (rows[:, :, None] == rows_out[pending][:, None, :]).any(axis=2)
+            more = np.where((bounds < radius[pending, None]) & ~known & (rows >= 0), rows, -1)
+            listed = more >= 0
+            if listed.any():
+                todo = np.flatnonzero(listed.any(axis=1))
+                queries = pending[todo]
+                candidates = np.concatenate([rows_out[queries], more[todo]], axis=1)
+                update = order_exactly(candidates, self._top_distances(
+                    pixels[queries], candidates, k), k)
+                rows_out[queries], distances_out[queries] = update.rows, update.distances
+                verified[pending] += listed.sum(axis=1)
+            done = (last >= radius[pending]) | (width >= self.ntotal)
+            pending, last = pending[~done], last[~done]
+            if not len(pending):
+                break
+            width = min(width * ROUND_GROWTH, self.ntotal)
+            if width >= self.ntotal:
+                fallback = len(pending)
+                rows = np.broadcast_to(np.arange(self.ntotal), (len(pending), self.ntotal))
+                bounds = np.full(rows.shape, -np.inf)  # verify every row
+                continue
+            bounds, rows = index.search(projected[pending], width)
+            last = bounds[:, -1]
+        stats = {"components": components, "verified_median": float(np.median(verified)),
+                 "verified_p99": float(np.percentile(verified, 99)),
+                 "verified_max": int(verified.max()), "fallback_queries": fallback}
+        return Neighbours(rows_out, distances_out, stats)
 
     def exact_search(self, pixels: np.ndarray, k: int) -> Neighbours:
         """The certified exact k nearest neighbours in this index's ranking space, by brute
@@ -199,18 +324,25 @@ class KnnIndex:
         return self._ranked(self._brute_force, True, self.features(pixels), k, None)
 
     def _ranked(self, index: faiss.Index, exhaustive: bool, features: np.ndarray, k: int,
-                faiss_params: faiss.SearchParameters | None) -> Neighbours:
+                faiss_params: faiss.SearchParameters | None,
+                candidates: int | None = None) -> Neighbours:
+        """Candidates from `index` (k+8, or `candidates` when given), exactly re-ranked."""
         if not 1 <= k <= self.ntotal:
             raise InvalidArgument(f"k must be between 1 and the training size {self.ntotal}, "
                                   f"not {k}")
         queries = np.ascontiguousarray(features, dtype=np.float32)
-        width = min(k + RERANK_EXTRA, self.ntotal)
+        width = min(max(k, candidates) if candidates else k + RERANK_EXTRA, self.ntotal)
         float_distances, rows = index.search(queries, width, params=faiss_params)
-        best = order_exactly(rows, exact_distances(self.train_features, features, rows), k)
+        best = order_exactly(rows, self._top_distances(features, rows, k), k)
         if exhaustive:
             best = self._certify(index, features, queries, k, faiss_params, best,
                                  float_distances, width)
         return best
+
+    def _top_distances(self, features: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+        """Distances in the ranking space between queries and their candidate rows, exact for
+        every candidate that can be among the k nearest (see exact_distances)."""
+        return exact_distances(self.train_features, features, rows, self._train_float32, k)
 
     def _certify(self, index: faiss.Index, features: np.ndarray, queries: np.ndarray, k: int,
                  faiss_params: faiss.SearchParameters | None, best: Neighbours,
@@ -229,8 +361,8 @@ class KnnIndex:
         while len(pending) and width < self.ntotal:
             width = min(width * 4, self.ntotal)
             more_float, more_rows = index.search(queries[pending], width, params=faiss_params)
-            more = order_exactly(more_rows, exact_distances(
-                self.train_features, features[pending], more_rows), k)
+            more = order_exactly(more_rows,
+                                 self._top_distances(features[pending], more_rows, k), k)
             rows_out[pending], distances_out[pending] = more.rows, more.distances
             still = more_float[:, -1] - margins[pending] <= more.distances[:, -1]
             pending = pending[still]
@@ -252,7 +384,7 @@ class KnnIndex:
         seconds = time.perf_counter() - started
         ids = np.where(neighbours.rows >= 0, self.train_ids[np.maximum(neighbours.rows, 0)], -1)
         return Classification(predictions.astype(np.uint8), neighbours, ids, effective, k,
-                              weights, seconds, threads)
+                              weights, seconds, threads, neighbours.stats)
 
 
 def describe_transform(transform: faiss.VectorTransform) -> str:

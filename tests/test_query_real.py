@@ -9,6 +9,8 @@ import pytest
 from helpers import run_cli
 from sklearn.neighbors import KNeighborsClassifier
 
+from mnist_ann.build import build_indexes
+from mnist_ann.recipes import resolve_recipe
 from mnist_ann.search import KnnIndex
 from mnist_ann.store import Collection
 
@@ -79,3 +81,27 @@ def test_confusion_matrix_and_output_on_real_data(seed_collection: Collection, t
     assert len(table["query"]) == 14_000
     assert np.mean(np.array(table["predicted"]) == np.array(table["label"])) == \
         summary["accuracy"]
+
+
+def test_exact_pca_equals_flat_on_every_seed_query(seed_collection: Collection) -> None:
+    build_indexes(seed_collection, [resolve_recipe("exact-pca", len(seed_collection.train()))],
+                  threads=2)
+    queries = seed_collection.test().pixels
+    flat = KnnIndex(seed_collection, "flat").classify(queries, k=7)
+    exact = KnnIndex(seed_collection, "exact-pca")
+    for components in (32, 96):
+        ours = exact.classify(queries, k=7, params={"components": components})
+        np.testing.assert_array_equal(ours.neighbours.rows, flat.neighbours.rows)
+        np.testing.assert_array_equal(ours.neighbours.distances, flat.neighbours.distances)
+        np.testing.assert_array_equal(ours.predictions, flat.predictions)
+        assert ours.stats["verified_median"] < 1000  # it pruned: 56,000 rows, a few verified
+    assert np.mean(flat.predictions == seed_collection.test().labels) == 0.9687142857142857
+
+
+def test_deskew_pca_beats_raw_pixels_through_an_approximate_index(
+        seed_collection: Collection) -> None:
+    build_indexes(seed_collection, [resolve_recipe("deskew-pca-ivf",
+                                                   len(seed_collection.train()))], threads=2)
+    test = seed_collection.test()
+    result = KnnIndex(seed_collection, "deskew-pca-ivf").classify(test.pixels, k=7)
+    assert np.mean(result.predictions == test.labels) >= 0.985

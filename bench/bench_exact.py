@@ -1,0 +1,100 @@
+"""Certified-exact search against flat and scikit-learn's predict, same run, same threads.
+
+    python bench/bench_exact.py [--store indexes] [--collection seed] [--threads 2]
+
+Classifies the 14,000 test images of the seed split with scikit-learn's
+KNeighborsClassifier(n_neighbors=7).predict (the study's method), mnist-ann `flat`, and
+mnist-ann `exact-pca` at each number of components; checks that every neighbour list and
+prediction of exact-pca equals flat's, and prints throughput (median of --repeats runs; one run
+for scikit-learn), the ratios, and how many candidates exact-pca verified per query.
+Builds exact-pca into the collection when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+from sklearn.neighbors import KNeighborsClassifier
+from threadpoolctl import threadpool_limits
+
+from mnist_ann.build import build_indexes, default_threads
+from mnist_ann.machine import describe_machine
+from mnist_ann.recipes import resolve_recipe
+from mnist_ann.search import KnnIndex
+from mnist_ann.store import Collection, resolve_store
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default=None)
+    parser.add_argument("--collection", default="seed")
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    collection = Collection.open(resolve_store(args.store), args.collection)
+    train, test = collection.train(), collection.test()
+    if "exact-pca" not in collection.indexes:
+        build_indexes(collection, [resolve_recipe("exact-pca", len(train))], log=log)
+    machine = describe_machine()
+    print(f"machine: {machine['cpu']} ({machine['cores']} cores), faiss {machine['faiss']} "
+          f"({machine['faiss_simd']}), numpy {machine['numpy']}, scikit-learn "
+          f"{machine['scikit-learn']}; {args.threads} threads for every method; "
+          f"{len(test):,} queries, k=7")
+
+    log("scikit-learn predict (one run)")
+    with threadpool_limits(args.threads):
+        model = KNeighborsClassifier(n_neighbors=7).fit(train.pixels.astype(np.float64),
+                                                        train.labels)
+        started = time.perf_counter()
+        sklearn_predictions = model.predict(test.pixels.astype(np.float64))
+        sklearn_seconds = time.perf_counter() - started
+    rows = [("scikit-learn predict", "-", sklearn_seconds, None)]
+
+    def timed(knn: KnnIndex, params: dict | None, repeats: int):
+        seconds, result = [], None
+        for _ in range(repeats):
+            result = knn.classify(test.pixels, 7, params, threads=args.threads)
+            seconds.append(result.seconds)
+        return result, statistics.median(seconds)
+
+    log("flat")
+    flat_result, flat_seconds = timed(KnnIndex(collection, "flat"), None, args.repeats)
+    rows.append(("mnist-ann flat", "-", flat_seconds, None))
+    assert np.array_equal(flat_result.predictions, sklearn_predictions)
+    exact = KnnIndex(collection, "exact-pca")
+    exact.classify(test.pixels[:500], 7, threads=args.threads)  # warm-up
+    for components in exact.entry["search_grid"]["components"]:
+        log(f"exact-pca components={components}")
+        result, seconds = timed(exact, {"components": components}, args.repeats)
+        same = (np.array_equal(result.neighbours.rows, flat_result.neighbours.rows)
+                and np.array_equal(result.neighbours.distances,
+                                   flat_result.neighbours.distances)
+                and np.array_equal(result.predictions, flat_result.predictions))
+        if not same:
+            raise SystemExit(f"exact-pca components={components} differs from flat")
+        rows.append((f"mnist-ann exact-pca (neighbours = flat's: {same})",
+                     f"components={components}", seconds, result.stats))
+    accuracy = float(np.mean(flat_result.predictions == test.labels))
+    print(f"\naccuracy of every row: {accuracy!r} (exact-pca and flat: identical neighbour "
+          "lists, distances and predictions for all queries)\n")
+    print("| method | setting | seconds | queries/s | vs scikit-learn | vs flat | verified "
+          "median | verified p99 | fallback queries |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, setting, seconds, stats in rows:
+        stats = stats or {}
+        print(f"| {name} | {setting} | {seconds:.2f} | {len(test) / seconds:,.0f} | "
+              f"{sklearn_seconds / seconds:.1f}x | {flat_seconds / seconds:.1f}x | "
+              f"{stats.get('verified_median', '')} | {stats.get('verified_p99', '')} | "
+              f"{stats.get('fallback_queries', '')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Certified-exact search by PCA lower-bound pruning: always the brute-force answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+from helpers import clustered_digits, exact_knn, make_collection, run_cli
+
+from mnist_ann.build import build_indexes
+from mnist_ann.certified import LowerBounds
+from mnist_ann.recipes import resolve_recipe
+from mnist_ann.search import KnnIndex
+from mnist_ann.store import Collection
+
+
+def collection_of(store: Path, images: np.ndarray, labels: np.ndarray | None = None,
+                  test_size: float = 0.1) -> Collection:
+    if labels is None:
+        labels = np.arange(len(images)) % 10
+    collection = make_collection(store, "c", images, labels.astype(np.uint8), test_size)
+    build_indexes(collection, [resolve_recipe("exact-pca", len(collection.train()))],
+                  threads=2)
+    return Collection.open(store, "c")
+
+
+def assert_exact(knn: KnnIndex, train: np.ndarray, queries: np.ndarray, params: dict,
+                 k: int = 7) -> dict:
+    true_distances, true_rows = exact_knn(train, queries, k)
+    found = knn.search(queries, k, params)
+    np.testing.assert_array_equal(found.rows, true_rows)
+    np.testing.assert_array_equal(found.distances, true_distances)
+    return found.stats
+
+
+def test_random_data_where_pca_captures_little(isolated: Path) -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2200, 784), dtype=np.uint8)  # no low-dimensional structure
+    collection = collection_of(isolated / "store", images)
+    knn = KnnIndex(collection, "exact-pca")
+    train, test = collection.train().pixels, collection.test().pixels
+    for components in (8, 32, 128):
+        stats = assert_exact(knn, train, test, {"components": components})
+        assert stats["components"] == components
+    # nothing prunes here: every query ends comparing with every row
+    assert stats["fallback_queries"] == len(test)
+
+
+def test_structured_data_is_pruned_and_exact(isolated: Path) -> None:
+    images, labels = clustered_digits(3000, seed=2)
+    collection = collection_of(isolated / "store", images, labels)
+    knn = KnnIndex(collection, "exact-pca")
+    train, test = collection.train().pixels, collection.test().pixels
+    stats = assert_exact(knn, train, test, {"components": 32, "candidates": 16}, k=5)
+    assert stats["verified_median"] < len(train) / 10 and stats["fallback_queries"] == 0
+
+
+def test_equal_distances_follow_the_training_row(isolated: Path) -> None:
+    rng = np.random.default_rng(4)
+    base = rng.integers(60, 200, (40, 784), dtype=np.uint8)
+    images = np.repeat(base, 30, axis=0)  # 30 identical copies of each image, far apart rows
+    images = images[rng.permutation(len(images))]
+    steps = images.copy()
+    steps[:, 0] += 3  # and copies one step away: many rows at exactly equal distances
+    collection = collection_of(isolated / "store", np.concatenate([images, steps]))
+    knn = KnnIndex(collection, "exact-pca")
+    train = collection.train().pixels
+    queries = np.concatenate([base[:10], collection.test().pixels[:20]])
+    for k in (7, 45):
+        assert_exact(knn, train, queries, {"components": 16, "candidates": 8}, k)
+
+
+def test_queries_that_force_the_fallback(isolated: Path) -> None:
+    images, labels = clustered_digits(3000, seed=6)
+    collection = collection_of(isolated / "store", images, labels)
+    knn = KnnIndex(collection, "exact-pca")
+    rng = np.random.default_rng(0)
+    far = rng.integers(0, 256, (30, 784), dtype=np.uint8)  # unlike any training image
+    # in one batch with ordinary queries, which are certified in earlier rounds
+    queries = np.concatenate([collection.test().pixels[:100], far])
+    stats = assert_exact(knn, collection.train().pixels, queries, {"components": 16,
+                                                                    "candidates": 7})
+    assert 0 < stats["fallback_queries"] < len(queries)
+    assert stats["verified_max"] >= len(images) * 9 // 10
+
+
+def subspace_data(rng: np.random.Generator, n: int, rank: int) -> np.ndarray:
+    """Integer images spanning at most `rank` directions: a PCA of that size loses nothing."""
+    basis = rng.integers(0, 2, (rank, 784))
+    weights = rng.integers(0, 4, (n, rank))
+    return (weights @ basis * 3 + 20).clip(0, 255).astype(np.uint8)
+
+
+def test_the_margin_holds_where_raw_float_bounds_overshoot(isolated: Path) -> None:
+    """Without the margin, float32 rounding makes PCA 'lower bounds' exceed the true distance.
+
+    On data that lies in a 24-dimensional subspace, the projection on 128 axes keeps every
+    distance, so the float32 bound equals the true distance up to rounding, and rounding goes
+    both ways: some computed bounds are above the truth. Certifying with those could skip a
+    row at exactly the k-th distance with a smaller row number. With the margin every bound is
+    below the truth.
+    """
+    rng = np.random.default_rng(7)
+    images = subspace_data(rng, 1500, 24)
+    collection = collection_of(isolated / "store", images)
+    knn = KnnIndex(collection, "exact-pca")
+    bounds: LowerBounds = knn.bounds
+    train, queries = collection.train().pixels, collection.test().pixels
+    projected = bounds.project(queries, 128)
+    computed, rows = bounds.index(128).search(projected, len(train))
+    t = train.astype(np.int64)
+    true = ((queries.astype(np.int64)[:, None, :] - t[rows]) ** 2).sum(-1)
+    overshoot = computed > true
+    assert overshoot.any(), "no raw bound above the truth: the margin would be untested"
+    norms = (queries.astype(np.int64) ** 2).sum(1)
+    safe = np.stack([bounds.lower_bound(computed[:, j], norms, projected, 128)
+                     for j in range(computed.shape[1])], axis=1)
+    assert np.all(safe <= true)
+    assert np.median(safe / np.maximum(true, 1)) > 0.9  # and still tight enough to prune
+
+
+def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path,
+                                                             monkeypatch) -> None:
+    """Many rows at exactly the k-th distance, found in float32 on either side of it."""
+    rng = np.random.default_rng(11)
+    centre = np.full(784, 100, np.int64)
+    pixels = rng.choice(784, 90, replace=False)
+    ring = np.repeat(centre[None], 90, axis=0)
+    ring[np.arange(90), pixels] += 12  # 90 rows at squared distance 144 from the centre
+    others = subspace_data(rng, 200, 20).astype(np.int64)  # PCA128 needs 128+ rows
+    images = np.concatenate([ring, others]).astype(np.uint8)
+    collection = make_collection(isolated / "store", "c", images,
+                                 (np.arange(len(images)) % 10).astype(np.uint8), 0.02)
+    train = collection.train().pixels
+    build_indexes(collection, [resolve_recipe("exact-pca", len(train))], threads=2)
+    knn = KnnIndex(Collection.open(isolated / "store", "c"), "exact-pca")
+    query = centre[None].astype(np.uint8)
+    params = {"components": 128, "candidates": 64}
+    assert_exact(knn, train, query, params, k=7)
+    # no margin: a row counts as beyond the k-th distance once its float32 bound reaches it
+    monkeypatch.setattr(LowerBounds, "radius",
+                        lambda self, kth_distances, *rest: kth_distances.astype(np.float64))
+    found = knn.search(query, 7, params)
+    true_distances, true_rows = exact_knn(train, query, 7)
+    assert np.array_equal(found.distances, true_distances)  # every tie is at distance 144...
+    assert not np.array_equal(found.rows, true_rows)  # ...but not the lowest-numbered ones
+
+
+def test_cli_query_json_shows_what_was_verified(isolated: Path) -> None:
+    images, labels = clustered_digits(2000, seed=3)
+    collection_of(isolated / "store", images, labels)
+    result = run_cli("query", "--collection", "c", "--index", "exact-pca", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["params"] == {"components": 128, "candidates": 64}
+    certified = summary["certified"]
+    assert certified["verified_median"] >= 64 and certified["fallback_queries"] >= 0
+    bad = run_cli("query", "--collection", "c", "--index", "exact-pca", "--param",
+                  "components=129")
+    assert bad.exit_code == 2 and "from 1 to 128" in bad.stderr
+
+
+def test_factory_pca_orders_components_by_variance() -> None:
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(3000, 784)) * np.linspace(5, 0.1, 784)).astype(np.float32)
+    pca = faiss.PCAMatrix(784, 64)
+    pca.train(data)
+    eigenvalues = faiss.vector_to_array(pca.eigenvalues)[:64]
+    assert np.all(np.diff(eigenvalues) <= 0)  # prefixes are the best projections

@@ -1,0 +1,176 @@
+"""Two-stage recipes and `mnist-ann tune`: exact re-rank over pixels, held-out tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import (
+    assert_clean_error,
+    clustered_digits,
+    exact_knn,
+    make_collection,
+    run_cli,
+)
+
+import mnist_ann.store as store_module
+from mnist_ann.build import build_indexes
+from mnist_ann.metrics import recall
+from mnist_ann.recipes import resolve_recipe
+from mnist_ann.search import FLOAT32_EXACT_LIMIT, MISSING, KnnIndex, exact_distances
+from mnist_ann.store import Collection
+from mnist_ann.tune import Target, drop_self, held_out_rows, tune_index
+
+SYN = ["--collection", "syn"]
+
+
+@pytest.fixture
+def built(isolated: Path) -> Collection:
+    images, labels = clustered_digits(3000, seed=8)
+    # noise in every dimension, so that a PCA64 projection alone misorders neighbours
+    noise = np.random.default_rng(8).normal(0, 25, images.shape)
+    images = np.clip(images + noise, 0, 255).astype(np.uint8)
+    collection = make_collection(isolated / "store", "syn", images, labels)
+    build_indexes(collection, [resolve_recipe(name, len(collection.train()))
+                               for name in ("flat", "hnsw", "pca-hnsw")], threads=2)
+    return Collection.open(isolated / "store", "syn")
+
+
+def test_float32_rerank_is_exact_and_falls_back_above_two_to_the_24() -> None:
+    rng = np.random.default_rng(3)
+    train = (rng.random((500, 784)) < 0.5).astype(np.uint8) * 255  # distances near 2.5e7
+    train[:250] //= 8  # and some below 2²⁴
+    queries = (rng.random((40, 784)) < 0.5).astype(np.uint8) * 255 // 8
+    rows = rng.integers(-1, 500, (40, 30))
+    integer = exact_distances(train, queries, rows)
+    fast = exact_distances(train, queries, rows, train.astype(np.float32))
+    assert (integer[rows >= 0] >= FLOAT32_EXACT_LIMIT).any()
+    assert (integer[rows >= 0] < FLOAT32_EXACT_LIMIT).any()
+    np.testing.assert_array_equal(fast, integer)
+    assert np.all(fast[rows < 0] == MISSING)
+    t, q = train.astype(np.int64), queries.astype(np.int64)
+    brute = ((q[:, None, :] - t[np.maximum(rows, 0)]) ** 2).sum(-1)
+    np.testing.assert_array_equal(integer[rows >= 0], brute[rows >= 0])
+
+
+def test_two_stage_reranks_its_candidates_exactly_in_pixels(built: Collection) -> None:
+    train, test = built.train(), built.test()
+    true_distances, true_rows = exact_knn(train.pixels, test.pixels, 7)
+    knn = KnnIndex(built, "pca-hnsw")
+    assert knn.space == "pixels"
+    recalls = []
+    for candidates in (7, 16, 64):
+        found = knn.search(test.pixels, 7, {"efSearch": 64, "candidates": candidates})
+        t, q = train.pixels.astype(np.int64), test.pixels.astype(np.int64)
+        brute = ((q[:, None, :] - t[found.rows]) ** 2).sum(-1)
+        np.testing.assert_array_equal(found.distances, brute)  # exact integers in pixels
+        assert np.all(np.diff(found.distances, axis=1) >= 0)
+        recalls.append(recall(found.distances, true_distances, 7))
+    assert recalls[0] < recalls[-1] and recalls[-1] >= 0.99
+    everything = knn.search(test.pixels, 7, {"efSearch": 512, "candidates": 512})
+    np.testing.assert_array_equal(everything.rows, true_rows)
+
+
+def test_drop_self_leaves_the_other_neighbours() -> None:
+    from mnist_ann.search import Neighbours
+
+    rows = np.array([[5, 1, 2], [3, 4, 6], [9, 9, 8]])
+    found = drop_self(Neighbours(rows, rows * 10), np.array([1, 7, 9]), 2)
+    np.testing.assert_array_equal(found.rows, [[5, 2], [3, 4], [9, 8]])
+    np.testing.assert_array_equal(found.distances, found.rows * 10)
+
+
+def test_tuning_never_reads_the_test_set(built: Collection, monkeypatch) -> None:
+    (built.root / "test.parquet").unlink()  # any read of the test table now fails
+    real_read = store_module.read_table
+
+    def guarded(path: Path):
+        assert path.name != "test.parquet", "tuning read the test set"
+        return real_read(path)
+
+    monkeypatch.setattr(store_module, "read_table", guarded)
+    result = run_cli("tune", *SYN, "--index", "pca-hnsw", "--recall", "0.95", "--held-out",
+                     "300", "--repeats", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["chosen"]["recall"] >= 0.95
+
+
+@pytest.mark.parametrize("target", [Target("recall", 0.97), Target("accuracy", 0.002)])
+def test_tuned_setting_meets_its_target_on_the_held_out_rows(built: Collection,
+                                                             target: Target) -> None:
+    result = tune_index(built, "pca-hnsw", target, held_out=400, seed=5, repeats=1)
+    chosen = result["chosen"]
+    assert chosen["meets_target"]
+    assert all(row["queries_per_second"] <= chosen["queries_per_second"]
+               for row in result["measured"] if row["meets_target"])
+    # recomputed here, from scratch: leave-one-out brute force on the same held-out rows
+    train = built.train()
+    own = held_out_rows(len(train), 400, 5)
+    t, q = train.pixels.astype(np.int64), train.pixels[own].astype(np.int64)
+    all_distances = (q * q).sum(1)[:, None] + (t * t).sum(1)[None, :] - 2 * q @ t.T
+    all_distances[np.arange(400), own] = np.iinfo(np.int64).max  # leave one out
+    true_rows = np.argsort(all_distances, axis=1, kind="stable")[:, :7]
+    true_distances = np.take_along_axis(all_distances, true_rows, 1)
+    found = drop_self(KnnIndex(built, "pca-hnsw").search(train.pixels[own], 8,
+                                                          chosen["params"]), own, 7)
+    measured_recall = recall(found.distances, true_distances, 7)
+    assert measured_recall == pytest.approx(chosen["recall"], abs=1e-12)
+    if target.kind == "recall":
+        assert measured_recall >= target.value
+    else:
+        labels = train.labels
+        votes = [np.bincount(labels[r], minlength=10).argmax() for r in found.rows]
+        exact = [np.bincount(labels[r], minlength=10).argmax() for r in true_rows]
+        accuracy = np.mean(np.array(votes) == labels[own])
+        exact_accuracy = np.mean(np.array(exact) == labels[own])
+        assert accuracy >= exact_accuracy - target.value - 1e-12
+
+
+def test_tuned_default_survives_reload_and_is_used_by_query(built: Collection,
+                                                            tmp_path: Path) -> None:
+    result = run_cli("tune", *SYN, "--index", "pca-hnsw", "--recall", "0.9", "--held-out",
+                     "300", "--repeats", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "default is now" in result.stdout
+    reopened = Collection.open(built.root.parent, "syn")
+    entry = reopened.indexes["pca-hnsw"]
+    tuned = entry["tuned"]["params"]
+    assert entry["search_defaults"] == tuned and entry["tuned"]["held_out"]["from"] == "train"
+    assert entry["recipe_search_defaults"] == {"efSearch": 32, "candidates": 32}
+    assert KnnIndex(reopened, "pca-hnsw").parameters() == tuned
+    query = run_cli("query", *SYN, "--index", "pca-hnsw", "--json")
+    assert query.exit_code == 0, query.stderr
+    assert json.loads(query.stdout)["params"] == tuned
+    report = run_cli("report", *SYN, "--index", "pca-hnsw", "--out", tmp_path / "r",
+                     "--repeats", "1", "--latency-queries", "5", "--no-baseline",
+                     "--no-peers", "--json")
+    assert report.exit_code == 0, report.stderr
+    rows = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
+    marked = [row for row in rows if row["default"] == "tuned"]
+    assert len(marked) == 1 and marked[0]["params"] == tuned
+
+
+@pytest.mark.parametrize(("args", "code", "fragment"), [
+    (["--index", "pca-hnsw"], 2, "exactly one target"),
+    (["--index", "pca-hnsw", "--recall", "0.9", "--accuracy-within", "0.01"], 2,
+     "exactly one target"),
+    (["--index", "pca-hnsw", "--recall", "1.5"], 2, "--recall"),
+    (["--index", "nope", "--recall", "0.9"], 1, "no index 'nope'"),
+    (["--index", "flat", "--recall", "0.9"], 1, "no search parameters"),
+    (["--index", "pca-hnsw", "--recall", "0.9", "--held-out", "5000"], 2, "held-out"),
+])
+def test_bad_tune_arguments(built: Collection, args: list, code: int, fragment: str) -> None:
+    before = (built.root / "manifest.json").read_bytes()
+    assert_clean_error(run_cli("tune", *SYN, *args), code, fragment)
+    assert (built.root / "manifest.json").read_bytes() == before
+
+
+def test_unreachable_target_leaves_the_manifest_unchanged(built: Collection) -> None:
+    build_indexes(built, [resolve_recipe("coarse=IVF64,PQ2", len(built.train()))], threads=2)
+    before = (built.root / "manifest.json").read_bytes()
+    result = run_cli("tune", *SYN, "--index", "coarse", "--recall", "1.0", "--held-out",
+                     "200", "--repeats", "1")
+    assert_clean_error(result, 1, "no setting of index 'coarse' reaches")
+    assert (built.root / "manifest.json").read_bytes() == before
