@@ -72,26 +72,25 @@ class LowerBounds:
                     projected: np.ndarray, components: int) -> np.ndarray:
         """Certain lower bounds of the true squared pixel distances, from the float32
         distances FAISS computed between projections (one per query)."""
-        _, max_projected, scale, row_norm = self._level(components)
-        wide = projected.astype(np.float64)
-        flat_error = 2 * self.float_margin * (np.einsum("ij,ij->i", wide, wide) + max_projected)
-        epsilon = (PROJECTION_ERROR * np.sqrt(components) * row_norm
-                   * (np.sqrt(query_squared_norms) + self.max_pixel_norm + 4 * self.mean_norm))
+        flat_error, epsilon, scale = self._errors(query_squared_norms, projected, components)
         root = np.sqrt(np.maximum(computed.astype(np.float64) - flat_error, 0)) - epsilon
-        return np.maximum(root, 0) ** 2 / self._safe_scale(scale)
+        return np.maximum(root, 0) ** 2 / scale
 
     def radius(self, kth_distances: np.ndarray, query_squared_norms: np.ndarray,
                projected: np.ndarray, components: int) -> np.ndarray:
         """Per query, a computed distance above which `lower_bound` exceeds the k-th distance:
         rows computed at or beyond it cannot be neighbours (the inverse of lower_bound)."""
+        flat_error, epsilon, scale = self._errors(query_squared_norms, projected, components)
+        root = np.sqrt(kth_distances.astype(np.float64) * scale) + epsilon
+        return (root**2 + flat_error) * (1 + 1e-6) + 1e-3
+
+    def _errors(self, query_squared_norms: np.ndarray, projected: np.ndarray,
+                components: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per query: the flat search's error, the projection error (a length), and the
+        matrix scale s (its excess over 1 doubled)."""
         _, max_projected, scale, row_norm = self._level(components)
         wide = projected.astype(np.float64)
         flat_error = 2 * self.float_margin * (np.einsum("ij,ij->i", wide, wide) + max_projected)
         epsilon = (PROJECTION_ERROR * np.sqrt(components) * row_norm
                    * (np.sqrt(query_squared_norms) + self.max_pixel_norm + 4 * self.mean_norm))
-        root = np.sqrt(kth_distances.astype(np.float64) * self._safe_scale(scale)) + epsilon
-        return (root**2 + flat_error) * (1 + 1e-6) + 1e-3
-
-    @staticmethod
-    def _safe_scale(scale: float) -> float:
-        return 2 * scale - 1 if scale > 1 else 1.0
+        return flat_error, epsilon, (2 * scale - 1 if scale > 1 else 1.0)
