@@ -17,7 +17,7 @@ from mnist_ann.errors import InvalidArgument, MnistAnnError
 from mnist_ann.metrics import WEIGHTS, confusion_matrix
 from mnist_ann.mnist import SPLIT_KINDS, Split, load_mnist, validate_source
 from mnist_ann.queries import check_output_path, read_queries, write_predictions
-from mnist_ann.recipes import DEFAULT_RECIPES, resolve_recipe
+from mnist_ann.recipes import BUILTIN, DEFAULT_RECIPES, resolve_recipe
 from mnist_ann.search import KnnIndex
 from mnist_ann.store import (
     Collection,
@@ -128,9 +128,8 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
 @click.option("--collection", "collection_name", default=None,
               help="Collection name [default: the split's name].")
 @click.option("--index", "index_specs", multiple=True, metavar="RECIPE|NAME=FACTORY",
-              help="Index to build: flat, ivf, hnsw, deskew-flat, deskew-pca-hnsw, "
-                   "deskew-pca-ivf, or NAME=FACTORY with any FAISS factory string; repeatable "
-                   "[default: flat, ivf, hnsw].")
+              help=f"Index to build: a recipe ({', '.join(BUILTIN)}) or NAME=FACTORY with "
+                   "any FAISS factory string; repeatable [default: flat, ivf, hnsw].")
 @click.option("--force", is_flag=True, help="Rebuild indexes that are already current.")
 @threads_option
 @source_option
