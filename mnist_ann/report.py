@@ -93,17 +93,13 @@ def ground_truth(knn: KnnIndex, k: int, threads: int, log: Log) -> Neighbours:
     return truth
 
 
-def exact_vote(knn: KnnIndex, truth: Neighbours) -> np.ndarray:
-    return vote(knn.train_labels[truth.rows].astype(np.int16), truth.distances, knn.classes)
-
-
 def reference_in_space(knn: KnnIndex, pixels: Reference, settings: SweepSettings,
                        log: Log) -> Reference:
     """The reference for `knn`: the pixel one, or exact search in its own ranking space."""
     if knn.space_key == "pixels":
         return pixels
     truth = ground_truth(knn, settings.k, settings.threads, log)
-    return dataclasses.replace(pixels, truth=truth, exact_predictions=exact_vote(knn, truth),
+    return dataclasses.replace(pixels, truth=truth, exact_predictions=knn.votes(truth),
                                space=knn.space)
 
 
@@ -536,7 +532,7 @@ def run_report(collection: Collection, out: Path, index_names: list[str] | None 
     truth = ground_truth(flat, settings.k, settings.threads, log)
     sample = np.random.default_rng(0).choice(len(test), min(settings.latency_queries,
                                                             len(test)), replace=False)
-    reference = Reference(test.pixels, test.labels, truth, exact_vote(flat, truth),
+    reference = Reference(test.pixels, test.labels, truth, flat.votes(truth),
                           test.pixels[np.sort(sample)])
     rows: list[dict] = []
     for name in names:

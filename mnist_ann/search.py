@@ -368,6 +368,12 @@ class KnnIndex:
             pending = pending[still]
         return Neighbours(rows_out, distances_out)
 
+    def votes(self, neighbours: Neighbours, weights: str = "uniform") -> np.ndarray:
+        """scikit-learn's vote of each query's neighbours; missing neighbours do not vote."""
+        labels = np.where(neighbours.rows >= 0,
+                          self.train_labels[np.maximum(neighbours.rows, 0)].astype(np.int16), -1)
+        return vote(labels, neighbours.distances, self.classes, weights)
+
     def classify(self, pixels: np.ndarray, k: int = 7, params: dict | None = None,
                  weights: str = "uniform", threads: int | None = None) -> Classification:
         """Predict a label for each uint8 query [n, 784] by a vote of its k neighbours."""
@@ -378,9 +384,7 @@ class KnnIndex:
         effective = self.parameters(params)
         started = time.perf_counter()
         neighbours = self.search(pixels, k, params)
-        labels = np.where(neighbours.rows >= 0,
-                          self.train_labels[np.maximum(neighbours.rows, 0)].astype(np.int16), -1)
-        predictions = vote(labels, neighbours.distances, self.classes, weights)
+        predictions = self.votes(neighbours, weights)
         seconds = time.perf_counter() - started
         ids = np.where(neighbours.rows >= 0, self.train_ids[np.maximum(neighbours.rows, 0)], -1)
         return Classification(predictions.astype(np.uint8), neighbours, ids, effective, k,

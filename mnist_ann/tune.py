@@ -16,7 +16,7 @@ import numpy as np
 
 from mnist_ann.build import ProgressBar, no_progress, set_threads
 from mnist_ann.errors import InvalidArgument, MnistAnnError
-from mnist_ann.metrics import accuracy, recall, vote
+from mnist_ann.metrics import accuracy, recall
 from mnist_ann.report import format_params, grid_points
 from mnist_ann.search import KnnIndex, Neighbours
 from mnist_ann.store import Collection
@@ -81,9 +81,7 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
     log(f"{name}: exact leave-one-out neighbours of {held_out:,} held-out training rows in the "
         f"{knn.space} space")
     truth = drop_self(knn.exact_search(queries, k + 1), own_rows, k)
-    exact_votes = vote(knn.train_labels[truth.rows].astype(np.int16), truth.distances,
-                       knn.classes)
-    exact_accuracy = accuracy(exact_votes, labels)
+    exact_accuracy = accuracy(knn.votes(truth), labels)
     measured = []
     points = grid_points(grid)
     with progress(f"tuning {name}", len(points)) as bar:
@@ -95,8 +93,7 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
                 found = knn.search(queries, k + 1, params)
                 seconds.append(time.perf_counter() - started)
             found = drop_self(found, own_rows, k)
-            votes = vote(knn.train_labels[np.maximum(found.rows, 0)].astype(np.int16),
-                         found.distances, knn.classes)
+            votes = knn.votes(found)
             row = {"params": knn.parameters(params), "recall": recall(found.distances,
                                                                        truth.distances, k),
                    "accuracy": accuracy(votes, labels), "exact_accuracy": exact_accuracy,
