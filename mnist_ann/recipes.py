@@ -240,9 +240,11 @@ def search_parameter_names(index: faiss.Index) -> dict[str, type]:
     return names
 
 
-def check_search_parameters(index: faiss.Index, params: dict, label: str) -> dict:
-    """Validate names and values against the index type; return them with their types."""
-    known = search_parameter_names(index)
+def check_search_parameters(index: faiss.Index, params: dict, label: str,
+                            extra: dict[str, type] | None = None) -> dict:
+    """Validate names and values against the index type (and `extra` names the caller
+    handles itself); return them with their types."""
+    known = {**search_parameter_names(index), **(extra or {})}
     checked = {}
     for name, value in params.items():
         if name not in known:

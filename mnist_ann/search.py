@@ -34,7 +34,9 @@ RERANK_CHUNK = 1024
 # float32 sums of integer squares are exact below 2²⁴ (every partial sum is an integer no
 # larger than the total, and rounding is monotone, so a total at or above it stays there)
 FLOAT32_EXACT_LIMIT = 2**24
-# certified search: rows listed per verified one in the first scan, and growth per scan
+# certified search: rows verified first (by default), rows listed per verified one in the
+# first scan, and growth per scan
+FIRST_ROUND = 64
 SCAN_FACTOR = 4
 ROUND_GROWTH = 16
 
@@ -219,15 +221,17 @@ class KnnIndex:
         key = tuple(sorted((overrides or {}).items()))
         if key not in self._prepared:
             merged = {**self.entry.get("search_defaults", {}), **(overrides or {})}
-            own = {name: merged.pop(name) for name in (COMPONENTS, CANDIDATES)
-                   if self.certified and name in merged}
-            checked = check_search_parameters(self.index, merged, f"index {self.name!r}")
+            extra = {COMPONENTS: int, CANDIDATES: int} if self.bounds is not None else None
+            checked = check_search_parameters(self.index, merged, f"index {self.name!r}",
+                                              extra)
             if self.bounds is not None:
-                checked[COMPONENTS] = self._check_whole(
-                    COMPONENTS, own.get(COMPONENTS, self.bounds.dimension),
-                    self.bounds.dimension, "the index's PCA dimension")
-                checked[CANDIDATES] = self._check_whole(
-                    CANDIDATES, own.get(CANDIDATES, 64), self.ntotal, "the training size")
+                checked = {COMPONENTS: self.bounds.dimension, CANDIDATES: FIRST_ROUND, **checked}
+                limits = {COMPONENTS: (self.bounds.dimension, "the index's PCA dimension"),
+                          CANDIDATES: (self.ntotal, "the training size")}
+                for name, (top, what) in limits.items():
+                    if checked[name] > top:
+                        raise InvalidArgument(f"search parameter {name}={checked[name]} must "
+                                              f"be a whole number from 1 to {top} ({what})")
             self._prepared[key] = checked, make_search_parameters(self.searched, checked)
         return self._prepared[key]
 
@@ -242,17 +246,6 @@ class KnnIndex:
             return self._certified(pixels, k, checked[COMPONENTS], checked[CANDIDATES])
         return self._ranked(self.searched, self.exact, self.features(pixels), k, faiss_params,
                             checked.get(CANDIDATES))
-
-    @staticmethod
-    def _check_whole(name: str, value: object, top: int, what: str) -> int:
-        try:
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"search parameter {name}={value!r} is not a number") from exc
-        if not number.is_integer() or not 1 <= number <= top:
-            raise InvalidArgument(f"search parameter {name}={value!r} must be a whole number "
-                                  f"from 1 to {top} ({what})")
-        return int(number)
 
     def _certified(self, pixels: np.ndarray, k: int, components: int,
                    first_round: int) -> Neighbours:
