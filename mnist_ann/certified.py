@@ -22,6 +22,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from mnist_ann.recipes import flat_vectors
+
 PROJECTION_ERROR = 2 * 785 * 2.0**-24  # g per unit length, doubled
 
 
@@ -37,8 +39,7 @@ class LowerBounds:
         if not isinstance(self.pca, faiss.PCAMatrix) or not isinstance(flat, faiss.IndexFlat):
             raise ValueError("a certified index is PCA<D>,Flat")
         self.dimension = int(self.pca.d_out)
-        self.projected = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(
-            flat.ntotal, flat.d)
+        self.projected = flat_vectors(flat)
         self.matrix = faiss.vector_to_array(self.pca.A).reshape(
             self.pca.d_out, self.pca.d_in).astype(np.float64)
         self.mean_norm = float(np.linalg.norm(faiss.vector_to_array(self.pca.mean)))

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 import faiss
+import numpy as np
 
 from mnist_ann.errors import InvalidArgument
 
@@ -152,6 +153,17 @@ def index_layers(index: faiss.Index) -> list[faiss.Index]:
                 break
         current = inner
     return layers
+
+
+def flat_vectors(index: faiss.Index) -> np.ndarray | None:
+    """The float32 vectors [ntotal, d] a flat index (or an HNSW over flat storage) holds, as
+    a view into FAISS's memory, valid while the index lives; None for other index types."""
+    storage = index.storage if isinstance(index, faiss.IndexHNSW) else index
+    storage = faiss.downcast_index(storage)
+    if not isinstance(storage, faiss.IndexFlat):
+        return None
+    return faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(
+        storage.ntotal, storage.d)
 
 
 def describe_factory(factory: str) -> dict:

@@ -20,6 +20,7 @@ from mnist_ann.recipes import (
     CANDIDATES,
     COMPONENTS,
     check_search_parameters,
+    flat_vectors,
     index_layers,
     make_search_parameters,
 )
@@ -172,9 +173,13 @@ class KnnIndex:
                                  "; rebuild it with `mnist-ann build --force`")
         self.max_train_norm = squared_norms(self.train_features).max()
         # pixels are re-ranked by FAISS's SIMD float32 sums, exact below 2²⁴ (see
-        # exact_distances), which needs them as float32: 4 bytes a pixel, 176 MB for 56,000
-        self._train_float32 = (self.train_features.astype(np.float32)
-                               if self.train_features.dtype == np.uint8 else None)
+        # exact_distances), which needs them as float32: a flat or HNSW index over the pixels
+        # already holds them; otherwise a copy (4 bytes a pixel, 176 MB for 56,000)
+        self._train_float32 = None
+        if self.train_features.dtype == np.uint8:
+            stored = flat_vectors(self.searched)
+            self._train_float32 = (stored if stored is not None and stored.shape[1] == N_PIXELS
+                                   else self.train_features.astype(np.float32))
         self.exact = all(isinstance(layer, faiss.IndexFlat)
                          for layer in index_layers(self.searched))
         self.certified = bool(entry.get("certified"))
