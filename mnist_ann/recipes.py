@@ -122,12 +122,13 @@ def pca_ivf_recipe(n_train: int) -> Recipe:
 
 COMPONENTS = "components"
 EXACT_PCA_DIMENSION = 128
+EXACT_PCA_CANDIDATES = 16  # rows verified first; their k-th distance sets the pruning radius
 
 
 def exact_pca_recipe(n_train: int) -> Recipe:
     """Certified exact: PCA lower bounds prune, exact integer distances verify."""
     return Recipe("exact-pca", f"PCA{EXACT_PCA_DIMENSION},Flat", {},
-                  {COMPONENTS: 128, CANDIDATES: 64},
+                  {COMPONENTS: EXACT_PCA_DIMENSION, CANDIDATES: EXACT_PCA_CANDIDATES},
                   {COMPONENTS: [32, 48, 64, 96, 128]}, certified=True)
 
 

@@ -19,6 +19,7 @@ from mnist_ann.pipeline import apply_pipeline
 from mnist_ann.recipes import (
     CANDIDATES,
     COMPONENTS,
+    EXACT_PCA_CANDIDATES,
     check_search_parameters,
     flat_vectors,
     index_layers,
@@ -35,11 +36,6 @@ RERANK_CHUNK = 1024
 # float32 sums of integer squares are exact below 2²⁴ (every partial sum is an integer no
 # larger than the total, and rounding is monotone, so a total at or above it stays there)
 FLOAT32_EXACT_LIMIT = 2**24
-# certified search: rows verified first (by default), rows listed per verified one in the
-# first scan, and growth per scan
-FIRST_ROUND = 64
-SCAN_FACTOR = 4
-ROUND_GROWTH = 16
 
 
 @dataclass(frozen=True)
@@ -230,7 +226,8 @@ class KnnIndex:
             checked = check_search_parameters(self.index, merged, f"index {self.name!r}",
                                               extra)
             if self.bounds is not None:
-                checked = {COMPONENTS: self.bounds.dimension, CANDIDATES: FIRST_ROUND, **checked}
+                checked = {COMPONENTS: self.bounds.dimension,
+                           CANDIDATES: EXACT_PCA_CANDIDATES, **checked}
                 limits = {COMPONENTS: (self.bounds.dimension, "the index's PCA dimension"),
                           CANDIDATES: (self.ntotal, "the training size")}
                 for name, (top, what) in limits.items():
@@ -253,63 +250,21 @@ class KnnIndex:
                             checked.get(CANDIDATES))
 
     def _certified(self, pixels: np.ndarray, k: int, components: int,
-                   first_round: int) -> Neighbours:
-        """Exact neighbours by lower-bound pruning, certified for every query.
-
-        One scan of the PCA bounds lists each query's SCAN_FACTOR · `first_round` most
-        promising rows. The first `first_round` are verified exactly; that k-th distance gives
-        a radius (the inverse of the bound), and every other listed row under it is verified
-        too. A query is done once its list ends at or beyond its radius: no row left out can
-        be a neighbour. Queries not done are scanned again for ROUND_GROWTH times more rows,
-        and at the end compared with every row (the fallback).
-        """
+                   candidates: int) -> Neighbours:
+        """Exact neighbours by lower-bound pruning, certified for every query (certified.py)."""
         assert self.bounds is not None
         if not 1 <= k <= self.ntotal:
             raise InvalidArgument(f"k must be between 1 and the training size {self.ntotal}, "
                                   f"not {k}")
-        n = len(pixels)
-        projected = self.bounds.project(pixels, components)
-        index = self.bounds.index(components)
-        query_norms = squared_norms(pixels)
-        head = min(max(first_round, k), self.ntotal)
-        width = min(head * SCAN_FACTOR, self.ntotal)
-        bounds, rows = index.search(projected, width)
-        best = order_exactly(rows[:, :head], self._top_distances(pixels, rows[:, :head], k), k)
-        rows_out, distances_out = best.rows.copy(), best.distances.copy()
-        verified = np.full(n, head, np.int64)
-        radius = self.bounds.radius(best.distances[:, -1], query_norms, projected, components)
-        pending, fallback = np.arange(n), 0
-        last = bounds[:, -1]  # every row not listed has a bound at least this
-        bounds, rows = bounds[:, head:], rows[:, head:]
-        while True:
-            # rows listed but not yet verified whose bound may still reach the k nearest
-            known = (rows[:, :, None] == rows_out[pending][:, None, :]).any(axis=2)
-            more = np.where((bounds < radius[pending, None]) & ~known & (rows >= 0), rows, -1)
-            listed = more >= 0
-            if listed.any():
-                todo = np.flatnonzero(listed.any(axis=1))
-                queries = pending[todo]
-                candidates = np.concatenate([rows_out[queries], more[todo]], axis=1)
-                update = order_exactly(candidates, self._top_distances(
-                    pixels[queries], candidates, k), k)
-                rows_out[queries], distances_out[queries] = update.rows, update.distances
-                verified[pending] += listed.sum(axis=1)
-            done = (last >= radius[pending]) | (width >= self.ntotal)
-            pending, last = pending[~done], last[~done]
-            if not len(pending):
-                break
-            width = min(width * ROUND_GROWTH, self.ntotal)
-            if width >= self.ntotal:
-                fallback = len(pending)
-                rows = np.broadcast_to(np.arange(self.ntotal), (len(pending), self.ntotal))
-                bounds = np.full(rows.shape, -np.inf)  # verify every row
-                continue
-            bounds, rows = index.search(projected[pending], width)
-            last = bounds[:, -1]
-        stats = {"components": components, "verified_median": float(np.median(verified)),
-                 "verified_p99": float(np.percentile(verified, 99)),
-                 "verified_max": int(verified.max()), "fallback_queries": fallback}
-        return Neighbours(rows_out, distances_out, stats)
+
+        def verify(queries: np.ndarray, rows: np.ndarray,
+                   top: int) -> tuple[np.ndarray, np.ndarray]:
+            best = order_exactly(rows, self._top_distances(pixels[queries], rows, top), top)
+            return best.rows, best.distances
+
+        found = self.bounds.search(pixels, squared_norms(pixels), k, components, candidates,
+                                   verify, faiss.omp_get_max_threads())
+        return Neighbours(found.rows, found.distances, found.stats)
 
     def exact_search(self, pixels: np.ndarray, k: int) -> Neighbours:
         """The certified exact k nearest neighbours in this index's ranking space, by brute

@@ -41,7 +41,8 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Collection:
     labels[::9] = (labels[::9] + 1) % 10  # label noise, so that accuracy is not trivially 1
     collection = make_collection(store, "small", images, labels)
     build_indexes(collection, [resolve_recipe(name, len(collection.train()))
-                               for name in ("flat", "ivf", "hnsw", "deskew-pca-hnsw")],
+                               for name in ("flat", "ivf", "hnsw", "deskew-pca-hnsw",
+                                            "exact-pca")],
                   threads=2)
     return Collection.open(store, "small")
 
@@ -144,6 +145,20 @@ def test_pipeline_rows_are_measured_in_their_own_space(report: dict, small: Coll
             np.mean(exact_votes == small.test().labels), abs=1e-12)
     cached = f"truth-k7-deskew-{small.indexes['deskew-pca-hnsw']['sha256'][:12]}.parquet"
     assert cached in json.loads((small.root / "manifest.json").read_text())["files"]
+
+
+def test_certified_rows_are_exact_at_every_setting(report: dict, small: Collection) -> None:
+    knn = KnnIndex(small, "exact-pca")
+    rows = [row for row in report["rows"] if row["index"] == "exact-pca"]
+    settings = [json.loads(row["params"])["components"] for row in rows]
+    assert settings == knn.entry["search_grid"]["components"]
+    flat = next(row for row in report["rows"] if row["index"] == "flat")
+    for row in rows:
+        assert float(row["recall"]) == 1.0 and row["accuracy"] == flat["accuracy"]
+        stats = knn.search(small.test().pixels, 7, json.loads(row["params"])).stats
+        for column in ("lists_scanned_median", "verified_median", "verified_p99",
+                       "fallback_queries"):
+            assert float(row[column]) == pytest.approx(stats[column])
 
 
 def test_operating_points_are_the_fastest_meeting_each_target(report: dict) -> None:
