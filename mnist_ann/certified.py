@@ -32,15 +32,17 @@ Per query:
 5. those rows verified exactly: the k nearest among them are the exact answer, since every row
    left out is farther than τ, which is at least the true k-th distance.
 
+Batches under SPLIT_BATCH queries use a single list of every row: steps 1 and 3 leave nothing
+out, and step 4 is a full scan of the projection, cheaper for them than the lists' fixed cost.
 "Queries scanning every list" (`fallback_queries`) are those for which no list could be left
-out: they are compared with every row on all axes, like a flat search.
+out (with a single list, every query): their range search covers every row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import faiss
@@ -56,11 +58,15 @@ GROUP_SPANS = 2
 ROWS_PER_LIST = 200
 FIRST_LISTS = 3  # the first candidates come from each query's best lists, at least this many
 MAX_LISTS = 256
+# smaller batches search one list of every row: the lists' fixed cost (a few FAISS calls per
+# list) would outweigh what they save
+SPLIT_BATCH = 64
 VERIFY_CELLS = 1 << 15  # candidates verified at once, padded to the longest list among them
 RADIUS_SLACK = 1e-6  # relative, and 1e-3 absolute: "at or beyond" becomes "strictly beyond"
 
 # verify(query positions, candidate rows [n, w] padded with -1, k) -> (rows, exact distances)
 Verify = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+Map = Callable[..., Iterator]  # map, or a thread pool's map
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,7 @@ class LowerBounds:
         self.max_pixel_norm = max_pixel_norm
         self.float_margin = float_margin
         self._levels: dict[int, tuple[float, float, float]] = {}
-        self._members: list[np.ndarray] | None = None
-        self._list_indexes: dict[tuple, list[faiss.IndexFlatL2]] = {}
+        self._layouts: dict[bool, Lists] = {}
 
     def project(self, pixels: np.ndarray, components: int) -> np.ndarray:
         """float32 projections [n, components] of uint8 queries, as the index projected rows."""
@@ -152,57 +157,52 @@ class LowerBounds:
         scale = 2 * scale - 1 if scale > 1 else 1.0  # its excess over 1 doubled
         return flat_error, (np.sqrt(kth_distances.astype(np.float64) * scale) + epsilon) ** 2
 
-    def members(self) -> list[np.ndarray]:
-        """The training rows of each list: k-means on the first SPAN_AXES axes, made once per
-        load (deterministic; correctness does not depend on it)."""
-        if self._members is None:
-            axes = min(SPAN_AXES, self.dimension)
-            vectors = np.ascontiguousarray(self.projected[:, :axes])
-            count = int(np.clip(len(vectors) // ROWS_PER_LIST, 1, MAX_LISTS))
-            kmeans = faiss.Kmeans(axes, count, niter=10, seed=1234, verbose=False)
-            kmeans.train(vectors)
-            _, assigned = kmeans.index.search(vectors, 1)
-            order = np.argsort(assigned[:, 0], kind="stable")
-            ends = np.cumsum(np.bincount(assigned[:, 0], minlength=count))[:-1]
-            self._members = [rows for rows in np.split(order, ends) if len(rows)]
-        return self._members
-
-    def list_indexes(self, start: int, stop: int, extra: bool) -> list[faiss.IndexFlatL2]:
-        """Per list, its rows on axes [start, stop), with the extra coordinate (0) if asked."""
-        key = (start, stop, extra)
-        if key not in self._list_indexes:
-            indexes = []
-            for rows in self.members():
-                vectors = np.zeros((len(rows), stop - start + extra), np.float32)
-                vectors[:, :stop - start] = self.projected[rows, start:stop]
-                index = faiss.IndexFlatL2(stop - start + extra)
-                index.add(vectors)
-                indexes.append(index)
-            self._list_indexes[key] = indexes
-        return self._list_indexes[key]
+    def lists(self, split: bool) -> Lists:
+        """The training rows in lists: split by k-means on the first SPAN_AXES axes (made once
+        per load, seeded; correctness does not depend on it), or all in one list."""
+        if split not in self._layouts:
+            if split:
+                axes = min(SPAN_AXES, self.dimension)
+                vectors = np.ascontiguousarray(self.projected[:, :axes])
+                count = int(np.clip(len(vectors) // ROWS_PER_LIST, 1, MAX_LISTS))
+                kmeans = faiss.Kmeans(axes, count, niter=10, seed=1234, verbose=False)
+                kmeans.train(vectors)
+                _, assigned = kmeans.index.search(vectors, 1)
+                order = np.argsort(assigned[:, 0], kind="stable")
+                ends = np.cumsum(np.bincount(assigned[:, 0], minlength=count))[:-1]
+                members = [rows for rows in np.split(order, ends) if len(rows)]
+            else:
+                members = [np.arange(len(self.projected))]
+            self._layouts[split] = Lists(self.projected, members)
+        return self._layouts[split]
 
     def search(self, pixels: np.ndarray, query_squared_norms: np.ndarray, k: int,
                components: int, candidates: int, verify: Verify,
                threads: int) -> CertifiedResult:
         """The exact k nearest rows of each uint8 query, certified (see the module doc)."""
-        members = self.members()
+        split = len(pixels) >= SPLIT_BATCH
+        layout = self.lists(split)
+        members = layout.members
         n, lists = len(pixels), len(members)
         spans = [(start, min(start + SPAN_AXES, components))
                  for start in range(0, components, SPAN_AXES)][:GROUP_SPANS]
-        indexes = self.list_indexes(0, components, extra=True)
+        indexes = layout.indexes(0, components, extra=True)
         projected = self.project(pixels, components)
         queries = np.zeros((n, components + 1), np.float32)  # the extra coordinate 0 for now
         queries[:, :components] = projected
         width = min(max(candidates, k), self.projected.shape[0])
-        # several small FAISS calls at once, each on one thread, rather than one at a time on all
-        with ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads,
-                                initargs=(1,)) as pool:
+        # split: many small FAISS calls, several at once, each on one thread; one list: a few
+        # calls in this thread (other threads would only wait on each other)
+        with (ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads, initargs=(1,))
+              if split else nullcontext()) as pool:
+            run = pool.map if pool is not None else map
+
             def each_list(work: Callable[[int], list]) -> list:
-                return [part for parts in pool.map(work, range(lists)) for part in parts]
+                return [part for parts in run(work, range(lists)) for part in parts]
 
             # 1. each list's smallest bound on the first span of axes
             _, first_stop = spans[0]
-            firsts = self.list_indexes(0, first_stop, extra=False)
+            firsts = layout.indexes(0, first_stop, extra=False)
             first_queries = np.ascontiguousarray(projected[:, :first_stop])
             minima = np.empty((lists, n), np.float32)
 
@@ -239,7 +239,7 @@ class LowerBounds:
             starts = np.concatenate([[0], np.cumsum(np.bincount(query_of, minlength=n))[:-1]])
             head = np.arange(len(query_of)) - starts[query_of] < width
             _, first_distances, first_counts = _verify_ragged(
-                pool, verify, n, query_of[head], row_of[head], k)
+                run, verify, n, query_of[head], row_of[head], k)
             kth = first_distances[:, k - 1].astype(np.float64)
 
             # 3. the lists that can hold a row within the k-th distance: their bound on the
@@ -247,7 +247,7 @@ class LowerBounds:
             needed = minima < self.radius(kth, query_squared_norms, first_queries,
                                           first_stop)[None, :]
             for start, stop in spans[1:]:
-                span_indexes = self.list_indexes(start, stop, extra=False)
+                span_indexes = layout.indexes(start, stop, extra=False)
                 span_queries = np.ascontiguousarray(projected[:, start:stop])
                 radius = self.radius(kth, query_squared_norms, projected[:, :stop], stop)
 
@@ -278,7 +278,7 @@ class LowerBounds:
             found = each_list(within)
             # 5. verified exactly: every row left out is farther than the k-th distance
             rows, distances, counts = _verify_ragged(
-                pool, verify, n, np.concatenate([part[0] for part in found]),
+                run, verify, n, np.concatenate([part[0] for part in found]),
                 np.concatenate([part[1] for part in found]), k)
         scanned = needed.sum(axis=0)
         verified = first_counts + counts
@@ -304,7 +304,30 @@ def _blas_for_any_batch() -> Iterator[None]:
         faiss.cvar.distance_compute_blas_threshold = saved
 
 
-def _verify_ragged(pool: ThreadPoolExecutor, verify: Verify, n: int, query_of: np.ndarray,
+class Lists:
+    """Training rows in lists, with flat indexes over ranges of axes of each list."""
+
+    def __init__(self, projected: np.ndarray, members: list[np.ndarray]) -> None:
+        self.projected = projected
+        self.members = members
+        self._indexes: dict[tuple, list[faiss.IndexFlatL2]] = {}
+
+    def indexes(self, start: int, stop: int, extra: bool) -> list[faiss.IndexFlatL2]:
+        """Per list, its rows on axes [start, stop), with the extra coordinate (0) if asked."""
+        key = (start, stop, extra)
+        if key not in self._indexes:
+            indexes = []
+            for rows in self.members:
+                vectors = np.zeros((len(rows), stop - start + extra), np.float32)
+                vectors[:, :stop - start] = self.projected[rows, start:stop]
+                index = faiss.IndexFlatL2(stop - start + extra)
+                index.add(vectors)
+                indexes.append(index)
+            self._indexes[key] = indexes
+        return self._indexes[key]
+
+
+def _verify_ragged(run: Map, verify: Verify, n: int, query_of: np.ndarray,
                    row_of: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The k best of each query's candidate rows, given as (query, row) pairs, verified in
     chunks of queries with similar counts; also the count per query."""
@@ -329,5 +352,5 @@ def _verify_ragged(pool: ThreadPoolExecutor, verify: Verify, n: int, query_of: n
         candidates[present] = row_of[(starts[queries][:, None] + slots)[present]]
         rows[queries], distances[queries] = verify(queries, candidates, k)
 
-    list(pool.map(chunk, chunks))
+    list(run(chunk, chunks))
     return rows, distances, counts

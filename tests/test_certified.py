@@ -55,6 +55,12 @@ def test_structured_data_is_pruned_and_exact(isolated: Path) -> None:
     train, test = collection.train().pixels, collection.test().pixels
     stats = assert_exact(knn, train, test, {"components": 32, "candidates": 16}, k=5)
     assert stats["verified_median"] < len(train) / 10 and stats["fallback_queries"] == 0
+    assert stats["lists"] > 1
+    # a small batch searches one list of every row, and gets the same answers
+    for start in range(0, 12, 4):
+        small = assert_exact(knn, train, test[start:start + 4],
+                             {"components": 32, "candidates": 16}, k=5)
+        assert small["lists"] == 1
 
 
 def test_equal_distances_follow_the_training_row(isolated: Path) -> None:
