@@ -43,7 +43,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -67,13 +66,6 @@ RADIUS_SLACK = 1e-6  # relative, and 1e-3 absolute: "at or beyond" becomes "stri
 # verify(query positions, candidate rows [n, w] padded with -1, k) -> (rows, exact distances)
 Verify = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 Map = Callable[..., Iterator]  # map, or a thread pool's map
-
-
-@dataclass(frozen=True)
-class CertifiedResult:
-    rows: np.ndarray
-    distances: np.ndarray
-    stats: dict
 
 
 class LowerBounds:
@@ -178,8 +170,9 @@ class LowerBounds:
 
     def search(self, pixels: np.ndarray, query_squared_norms: np.ndarray, k: int,
                components: int, candidates: int, verify: Verify,
-               threads: int) -> CertifiedResult:
-        """The exact k nearest rows of each uint8 query, certified (see the module doc)."""
+               threads: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The exact k nearest rows of each uint8 query and their distances, certified (see
+        the module doc), with what it took."""
         split = len(pixels) >= SPLIT_BATCH
         layout = self.lists(split)
         members = layout.members
@@ -236,7 +229,7 @@ class LowerBounds:
             order = np.argsort(bound, kind="stable")  # by query, then bound: two quick sorts
             order = order[np.argsort(query_of[order], kind="stable")]
             query_of, row_of = query_of[order], row_of[order]
-            starts = np.concatenate([[0], np.cumsum(np.bincount(query_of, minlength=n))[:-1]])
+            starts = _starts(np.bincount(query_of, minlength=n))
             head = np.arange(len(query_of)) - starts[query_of] < width
             _, first_distances, first_counts = _verify_ragged(
                 run, verify, n, query_of[head], row_of[head], k)
@@ -288,7 +281,7 @@ class LowerBounds:
                  "verified_p99": float(np.percentile(verified, 99)),
                  "verified_max": int(verified.max()),
                  "fallback_queries": int((scanned == lists).sum())}
-        return CertifiedResult(rows, distances, stats)
+        return rows, distances, stats
 
 
 @contextmanager
@@ -334,7 +327,7 @@ def _verify_ragged(run: Map, verify: Verify, n: int, query_of: np.ndarray,
     order = np.argsort(query_of, kind="stable")
     row_of = row_of[order]
     counts = np.bincount(query_of, minlength=n)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = _starts(counts)
     by_count = np.argsort(counts, kind="stable")
     chunks, first = [], 0
     for last in range(1, n + 1):  # counts grow along by_count: a chunk's width is its last
@@ -354,3 +347,8 @@ def _verify_ragged(run: Map, verify: Verify, n: int, query_of: np.ndarray,
 
     list(run(chunk, chunks))
     return rows, distances, counts
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Where each query's pairs begin once pairs are sorted by query."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]])

@@ -253,18 +253,20 @@ class KnnIndex:
                    candidates: int) -> Neighbours:
         """Exact neighbours by lower-bound pruning, certified for every query (certified.py)."""
         assert self.bounds is not None
-        if not 1 <= k <= self.ntotal:
-            raise InvalidArgument(f"k must be between 1 and the training size {self.ntotal}, "
-                                  f"not {k}")
+        self._check_k(k)
 
         def verify(queries: np.ndarray, rows: np.ndarray,
                    top: int) -> tuple[np.ndarray, np.ndarray]:
             best = order_exactly(rows, self._top_distances(pixels[queries], rows, top), top)
             return best.rows, best.distances
 
-        found = self.bounds.search(pixels, squared_norms(pixels), k, components, candidates,
-                                   verify, faiss.omp_get_max_threads())
-        return Neighbours(found.rows, found.distances, found.stats)
+        return Neighbours(*self.bounds.search(pixels, squared_norms(pixels), k, components,
+                                              candidates, verify, faiss.omp_get_max_threads()))
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.ntotal:
+            raise InvalidArgument(f"k must be between 1 and the training size {self.ntotal}, "
+                                  f"not {k}")
 
     def exact_search(self, pixels: np.ndarray, k: int) -> Neighbours:
         """The certified exact k nearest neighbours in this index's ranking space, by brute
@@ -280,9 +282,7 @@ class KnnIndex:
                 faiss_params: faiss.SearchParameters | None,
                 candidates: int | None = None) -> Neighbours:
         """Candidates from `index` (k+8, or `candidates` when given), exactly re-ranked."""
-        if not 1 <= k <= self.ntotal:
-            raise InvalidArgument(f"k must be between 1 and the training size {self.ntotal}, "
-                                  f"not {k}")
+        self._check_k(k)
         queries = np.ascontiguousarray(features, dtype=np.float32)
         width = min(max(k, candidates) if candidates else k + RERANK_EXTRA, self.ntotal)
         float_distances, rows = index.search(queries, width, params=faiss_params)
