@@ -16,17 +16,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
-from mnist_ann.build import build_indexes, default_threads
+from mnist_ann import Store
+from mnist_ann.evaluation.timing import WARM_UP_QUERIES, time_batch
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.recipes import resolve_recipe
 from mnist_ann.machine import describe_machine
-from mnist_ann.recipes import resolve_recipe
-from mnist_ann.search import KnnIndex
-from mnist_ann.store import Collection, resolve_store
+from mnist_ann.runtime import default_threads
 
 
 def log(message: str) -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    collection = Collection.open(resolve_store(args.store), args.collection)
+    collection = Store(args.store)[args.collection]
     train, test = collection.train(), collection.test()
     if "exact-pca" not in collection.indexes:
         build_indexes(collection, [resolve_recipe("exact-pca", len(train))], log=log)
@@ -54,36 +54,39 @@ def main() -> None:
     with threadpool_limits(args.threads):
         model = KNeighborsClassifier(n_neighbors=7).fit(train.pixels.astype(np.float64),
                                                         train.labels)
-        started = time.perf_counter()
-        sklearn_predictions = model.predict(test.pixels.astype(np.float64))
-        sklearn_seconds = time.perf_counter() - started
+        queries64 = test.pixels.astype(np.float64)
+        sklearn_predictions, [sklearn_seconds] = time_batch(lambda: model.predict(queries64),
+                                                            None, 1)
     rows = [("scikit-learn predict", "-", sklearn_seconds, None)]
 
-    flat, exact = KnnIndex(collection, "flat"), KnnIndex(collection, "exact-pca")
-    exact.classify(test.pixels[:500], 7, threads=args.threads)  # warm-up: lists made on load
-    settings = [(flat, None), *((exact, {"components": components})
-                                for components in exact.entry["search_grid"]["components"])]
+    flat = collection.classifier("flat", threads=args.threads)
+    settings = [("flat", flat)] + [
+        (f"components={components}",
+         collection.classifier("exact-pca", params={"components": components},
+                               threads=args.threads))
+        for components in collection.indexes["exact-pca"]["search_grid"]["components"]]
+    for _, classifier in settings:
+        classifier.classify(test.pixels[:WARM_UP_QUERIES])
     # interleaved, so that the machine's load changes alike for flat and exact-pca
     seconds: list[list[float]] = [[] for _ in settings]
-    results = [None] * len(settings)
+    results: list = [None] * len(settings)
     for repeat in range(args.repeats):
-        for i, (knn, params) in enumerate(settings):
-            log(f"run {repeat + 1}/{args.repeats}: {knn.name} {params or ''}")
-            results[i] = knn.classify(test.pixels, 7, params, threads=args.threads)
+        for i, (label, classifier) in enumerate(settings):
+            log(f"run {repeat + 1}/{args.repeats}: {label}")
+            results[i] = classifier.classify(test.pixels)
             seconds[i].append(results[i].seconds)
     flat_result, flat_seconds = results[0], statistics.median(seconds[0])
     assert np.array_equal(flat_result.predictions, sklearn_predictions)
     rows.append(("mnist-ann flat", "-", flat_seconds, None))
-    for (_, params), result, times in zip(settings[1:], results[1:], seconds[1:], strict=True):
+    for (label, _), result, times in zip(settings[1:], results[1:], seconds[1:], strict=True):
         same = (np.array_equal(result.neighbours.rows, flat_result.neighbours.rows)
                 and np.array_equal(result.neighbours.distances,
                                    flat_result.neighbours.distances)
                 and np.array_equal(result.predictions, flat_result.predictions))
         if not same:
-            raise SystemExit(f"exact-pca {params} differs from flat")
-        rows.append((f"mnist-ann exact-pca (neighbours = flat's: {same})",
-                     f"components={params['components']}", statistics.median(times),
-                     result.stats))
+            raise SystemExit(f"exact-pca {label} differs from flat")
+        rows.append((f"mnist-ann exact-pca (neighbours = flat's: {same})", label,
+                     statistics.median(times), result.stats))
     accuracy = float(np.mean(flat_result.predictions == test.labels))
     print(f"\naccuracy of every row: {accuracy!r} (exact-pca and flat: identical neighbour "
           "lists, distances and predictions for all queries)\n")

@@ -3,11 +3,11 @@
     python bench/bench_pipeline.py [--store indexes] [--collection seed] [--repeats 5]
 
 1. Deskews the whole training set (and all 70,000 images) several times; prints the median.
-2. With ONE thread for everything (FAISS and numpy's BLAS), classifies the 14,000 test images
-   with raw `flat` and with each built pipeline index at its default setting: batch throughput
-   (median of the repeats, the pipeline included), accuracy, recall@7 in the index's own space
-   against exact search there, and single-query p50/p99 latency over 1,000 queries; prints the
-   throughput ratio to flat.
+2. With ONE thread, classifies the 14,000 test images with raw `flat` and with each built
+   pipeline index at its default setting: batch throughput (median of the repeats, the
+   pipeline included), accuracy, recall@7 in the index's own space against exact search
+   there, and single-query p50/p99 latency over 1,000 queries; prints the throughput ratio to
+   flat.
 Builds the pipeline indexes into the collection when they are missing.
 """
 
@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import numpy as np
 
-from mnist_ann.build import build_indexes, set_threads
+from mnist_ann import Store
+from mnist_ann.data.pipeline import deskew
+from mnist_ann.evaluation.metrics import accuracy, recall
+from mnist_ann.evaluation.sweep import format_params
+from mnist_ann.evaluation.timing import WARM_UP_QUERIES, time_batch, time_single_queries
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.recipes import resolve_recipe
 from mnist_ann.machine import describe_machine
-from mnist_ann.metrics import accuracy, recall
-from mnist_ann.pipeline import deskew
-from mnist_ann.recipes import resolve_recipe
-from mnist_ann.report import WARM_UP_QUERIES, format_params, time_batch, time_single_queries
-from mnist_ann.search import KnnIndex
-from mnist_ann.store import Collection, resolve_store
+from mnist_ann.runtime import faiss_threads
 
 PIPELINE_INDEXES = ("deskew-pca-ivf", "deskew-pca-hnsw")
 
@@ -43,20 +43,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--latency-queries", type=int, default=1000)
     args = parser.parse_args()
-    collection = Collection.open(resolve_store(args.store), args.collection)
+    collection = Store(args.store)[args.collection]
     machine = describe_machine()
     print(f"machine: {machine['cpu']} ({machine['cores']} cores), faiss {machine['faiss']} "
           f"({machine['faiss_simd']}), numpy {machine['numpy']}")
     train, test = collection.train(), collection.test()
 
-    set_threads(1)
     everything = np.concatenate([train.pixels, test.pixels])
     for label, pixels in (("training set", train.pixels), ("all of MNIST", everything)):
-        seconds = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            deskew(pixels)
-            seconds.append(time.perf_counter() - started)
+        _, seconds = time_batch(lambda pixels=pixels: deskew(pixels), None, args.repeats)
         print(f"deskew {label} ({len(pixels):,} images), 1 thread: median "
               f"{statistics.median(seconds):.2f} s of {args.repeats} (target: under 10 s)")
 
@@ -67,25 +62,20 @@ def main() -> None:
                       log=log)
     rows = []
     flat_qps = None
+    sample = test.pixels[np.random.default_rng(0).choice(len(test), args.latency_queries,
+                                                         replace=False)]
     for name in ("flat", *PIPELINE_INDEXES):
-        knn = KnnIndex(collection, name)
-        set_threads(2)
-        truth = knn.exact_search(test.pixels, 7)
-        set_threads(1)
-
-        def run(pixels: np.ndarray = test.pixels, knn: KnnIndex = knn) -> object:
-            return knn.classify(pixels, 7, threads=1)
-
+        classifier = collection.classifier(name, k=7, threads=1)
+        with faiss_threads(2):
+            truth = collection.exact_searcher(name).search(test.pixels, 7)
         repeats = 1 if name == "flat" else args.repeats  # flat takes about 20 s a run
-        result, times = time_batch(run, lambda: run(test.pixels[:WARM_UP_QUERIES]), repeats,
-                                   float("inf"))
-        sample = test.pixels[np.random.default_rng(0).choice(len(test), args.latency_queries,
-                                                             replace=False)]
-        latency = time_single_queries(lambda query, knn=knn: knn.classify(query, 7, threads=1),
-                                      sample, float("inf"))
+        result, times = time_batch(lambda c=classifier: c.classify(test.pixels),
+                                   lambda c=classifier: c.classify(test.pixels[:WARM_UP_QUERIES]),
+                                   repeats)
+        latency = time_single_queries(classifier.classify, sample)
         qps = len(test) / statistics.median(times)
         flat_qps = flat_qps or qps
-        rows.append((name, knn.space, format_params(result.params),
+        rows.append((name, classifier.space, format_params(result.params),
                      accuracy(result.predictions, test.labels),
                      recall(result.neighbours.distances, truth.distances, 7), qps,
                      qps / flat_qps, latency["p50_ms"], latency["p99_ms"]))

@@ -2,10 +2,10 @@
 
     python bench/bench_report.py [--store indexes] [--collection seed] [--threads 2]
 
-Writes every report file under bench/results/report/ and puts the operating-points table,
-with the machine it was measured on, into bench/README.md between its RESULTS markers.
-Needs the collection built (`mnist-ann build --split seed`) and, for the peer curve,
-`pip install '.[peers]'`.
+Sweeps every setting of every index (`report --full`), writes every report file under
+bench/results/report/ and puts the operating-points table, with the machine it was measured
+on, into bench/README.md between its RESULTS markers. Needs the collection built (`mnist-ann
+build --split seed`) and, for the peer curve, `pip install '.[peers]'`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import click
 
-from mnist_ann.build import default_threads
-from mnist_ann.report import POINT_COLUMNS, SweepSettings, markdown_table, run_report
-from mnist_ann.store import Collection, resolve_store
+from mnist_ann import Store
+from mnist_ann.evaluation.sweep import SweepSettings, evaluate
+from mnist_ann.render.report import POINT_COLUMNS, markdown_table, write_report
+from mnist_ann.runtime import default_threads
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,23 +33,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-queries", type=int, default=300)
     args = parser.parse_args()
-    collection = Collection.open(resolve_store(args.store), args.collection)
-    settings = SweepSettings(7, args.repeats, args.latency_queries, args.threads)
+    collection = Store(args.store)[args.collection]
+    settings = SweepSettings(7, args.repeats, args.latency_queries, args.threads, full=True)
     out = HERE / "results" / "report"
-    report = run_report(collection, out, settings=settings,
-                        log=lambda message: print(message, file=sys.stderr),
-                        progress=lambda label, n: click.progressbar(length=n, label=label,
-                                                                   file=sys.stderr))
-    machine = report.meta["machine"]
+    evaluation = evaluate(collection, settings=settings,
+                          log=lambda message: print(message, file=sys.stderr),
+                          progress=lambda label, n: click.progressbar(length=n, label=label,
+                                                                     file=sys.stderr))
+    write_report(out, evaluation)
+    meta = evaluation.meta
+    machine = meta["machine"]
     section = "\n".join([
         "<!-- RESULTS -->",
-        f"Latest run: {report.meta['generated']}, {report.meta['seconds']:.0f} s in all, on "
+        f"Latest run: {meta['generated']}, {meta['seconds']:.0f} s in all, on "
         f"{machine['cpu']} ({machine['cores']} cores), faiss {machine['faiss']} "
         f"({machine['faiss_simd']}), numpy {machine['numpy']} with {machine['blas']}, "
-        f"scikit-learn {machine['scikit-learn']}; collection `{report.meta['collection']}`; "
-        f"{report.meta['settings']['method']}.",
+        f"scikit-learn {machine['scikit-learn']}; collection `{meta['collection']}`; "
+        f"{meta['settings']['method']}.",
         "",
-        markdown_table(report.points, POINT_COLUMNS),
+        markdown_table(evaluation.points, POINT_COLUMNS),
         "",
         "Every setting: [results/report/report.md](results/report/report.md).",
         "<!-- /RESULTS -->"])
@@ -57,7 +60,7 @@ def main() -> None:
     pattern = re.compile(r"<!-- RESULTS -->.*<!-- /RESULTS -->", re.S)
     text = pattern.sub(section, text) if pattern.search(text) else text + "\n" + section + "\n"
     readme.write_text(text)
-    print(markdown_table(report.points, POINT_COLUMNS))
+    print(markdown_table(evaluation.points, POINT_COLUMNS))
 
 
 if __name__ == "__main__":

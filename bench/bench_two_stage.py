@@ -6,7 +6,7 @@ In one run, with ONE thread for every library (FAISS, numpy's BLAS, hnswlib):
 - hnswlib (M=16, efConstruction=200) over ef, searched as it is;
 - FAISS HNSW32 (the `hnsw` recipe's index file) over efSearch, searched raw;
 - the two-stage recipe (`pca-hnsw`: HNSW over PCA64 candidates, re-ranked exactly over the
-  pixels by mnist-ann) over efSearch and candidates, through KnnIndex.search.
+  pixels by mnist-ann) over efSearch and candidates, through its searcher.
 Each setting: the 14,000 test queries in one call (median of --repeats runs), recall@7 against
 exact search (ann-benchmarks' rule). For each recall target, the fastest setting reaching it in
 batch; one query at a time, the fastest of the three best batch settings over --single
@@ -19,20 +19,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from importlib import metadata
 
-import faiss
 import hnswlib
 import numpy as np
 
-from mnist_ann.build import build_indexes, set_threads
+from mnist_ann import Store
+from mnist_ann.evaluation.metrics import recall
+from mnist_ann.evaluation.sweep import format_params
+from mnist_ann.evaluation.timing import time_batch, time_single_queries
+from mnist_ann.evaluation.truth import ground_truth
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.neighbours import order_exactly
+from mnist_ann.index.params import make_search_parameters
+from mnist_ann.index.recipes import grid_points, resolve_recipe
 from mnist_ann.machine import describe_machine
-from mnist_ann.metrics import recall
-from mnist_ann.recipes import make_search_parameters, resolve_recipe
-from mnist_ann.report import format_params, grid_points, ground_truth
-from mnist_ann.search import KnnIndex, exact_distances, order_exactly
-from mnist_ann.store import Collection, resolve_store
+from mnist_ann.runtime import faiss_threads
 
 TARGETS = (0.99, 0.999)
 K = 7
@@ -43,22 +45,13 @@ def log(message: str) -> None:
 
 
 def timed(run, repeats: int) -> tuple[object, float]:
-    run()  # warm-up
-    seconds, result = [], None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = run()
-        seconds.append(time.perf_counter() - started)
+    """The result and median time of `repeats` runs after a warm-up run."""
+    result, seconds = time_batch(run, run, repeats)
     return result, statistics.median(seconds)
 
 
 def single_qps(run_one, queries: np.ndarray) -> float:
-    for query in queries[:20]:
-        run_one(query[None, :])
-    started = time.perf_counter()
-    for query in queries:
-        run_one(query[None, :])
-    return len(queries) / (time.perf_counter() - started)
+    return time_single_queries(run_one, queries)["single_queries_per_second"]
 
 
 def main() -> None:
@@ -69,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--single", type=int, default=2000)
     args = parser.parse_args()
-    collection = Collection.open(resolve_store(args.store), args.collection)
+    collection = Store(args.store)[args.collection]
     train, test = collection.train(), collection.test()
     missing = [name for name in ("flat", "hnsw", args.index) if name not in collection.indexes]
     if missing:
@@ -80,16 +73,23 @@ def main() -> None:
     print(f"machine: {machine['cpu']} ({machine['cores']} cores), faiss {machine['faiss']} "
           f"({machine['faiss_simd']}), numpy {machine['numpy']}, hnswlib "
           f"{metadata.version('hnswlib')}; ONE thread; {len(test):,} queries, k={K}")
-    truth = ground_truth(KnnIndex(collection, "flat"), K, 2, log)
-    set_threads(1)
+    truth = ground_truth(collection, "flat", K, 2, log)
+    with faiss_threads(1):
+        run_systems(collection, args, truth)
+
+
+def run_systems(collection, args, truth) -> None:
+    train, test = collection.train(), collection.test()
     queries = test.pixels
     queries_float = queries.astype(np.float32)
     single_sample = queries[np.random.default_rng(0).choice(len(queries), args.single,
                                                             replace=False)]
     systems: dict[str, list[dict]] = {}
 
+    pixels = collection.searcher("flat").space
+
     def exact_recall(rows: np.ndarray) -> float:
-        found = order_exactly(rows, exact_distances(train.pixels, queries, rows), K)
+        found = order_exactly(rows, pixels.distances(queries, rows), K)
         return recall(found.distances, truth.distances, K)
 
     log("hnswlib: building (2 threads; building is not timed)")
@@ -111,7 +111,7 @@ def main() -> None:
         log(f"hnswlib ef={ef}: recall {rows[-1]['recall']:.4f}, {rows[-1]['qps']:,.0f} q/s")
     systems["hnswlib M=16 efC=200"] = rows
 
-    hnsw = KnnIndex(collection, "hnsw").index
+    hnsw = collection.searcher("hnsw").index
     rows = []
     for ef in (16, 24, 32, 48, 64, 96, 128, 192, 256):
         params = make_search_parameters(hnsw, {"efSearch": ef})
@@ -125,16 +125,17 @@ def main() -> None:
             f"{rows[-1]['qps']:,.0f} q/s")
     systems["FAISS HNSW32 efC=40 (raw)"] = rows
 
-    two_stage = KnnIndex(collection, args.index)
+    two_stage = collection.searcher(args.index)
+    entry = collection.indexes[args.index]
     rows = []
-    for params in grid_points(two_stage.entry["search_grid"]):
+    for params in grid_points(entry["search_grid"]):
         found, seconds = timed(lambda p=params: two_stage.search(queries, K, p), args.repeats)
         rows.append({"params": params, "recall": recall(found.distances, truth.distances, K),
                      "qps": len(queries) / seconds,
                      "one": lambda q, p=params: two_stage.search(q, K, p)})
         log(f"{args.index} {format_params(params)}: recall {rows[-1]['recall']:.4f}, "
             f"{rows[-1]['qps']:,.0f} q/s")
-    systems[f"mnist-ann {args.index} ({two_stage.entry['factory']} + exact re-rank)"] = rows
+    systems[f"mnist-ann {args.index} ({entry['factory']} + exact re-rank)"] = rows
 
     summary: dict[tuple[str, float], tuple[dict, float, float] | None] = {}
     for name, rows in systems.items():
@@ -168,7 +169,6 @@ def main() -> None:
             print(f"recall ≥ {target}: {args.index} / FAISS HNSW = "
                   f"{ours[1] / faiss_row[1]:.2f}x batch, {ours[2] / faiss_row[2]:.2f}x one at "
                   "a time")
-    faiss.omp_set_num_threads(1)
 
 
 if __name__ == "__main__":

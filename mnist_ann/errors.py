@@ -5,8 +5,11 @@ class MnistAnnError(Exception):
     """A problem the user can fix: bad data, a missing file, a broken store (exit 1)."""
 
 
-class InvalidArgument(MnistAnnError):
-    """A value given by the caller is out of range or malformed (exit 2 on the CLI)."""
+class InvalidArgument(MnistAnnError, ValueError):
+    """A value given by the caller is out of range or malformed (exit 2 on the CLI).
+
+    It is a ValueError too, as scikit-learn and Python callers expect of a bad argument.
+    """
 
 
 class DataError(MnistAnnError):

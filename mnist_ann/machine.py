@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import resource
 
-import faiss
-import numpy as np
-import sklearn
-
-from mnist_ann.build import simd_level
+from mnist_ann.runtime import default_threads
 
 
 def cpu_model() -> str:
@@ -24,6 +19,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def simd_level() -> str:
+    """The SIMD level FAISS runs with (AVX2, AVX512, NEON, ...)."""
+    import faiss
+
+    config = getattr(faiss, "SIMDConfig", None)
+    if config is not None and hasattr(config, "get_level_name"):
+        return str(config.get_level_name())
+    options = faiss.get_compile_options().split()
+    return next((o for o in options if o not in ("OPTIMIZE", "DD")), "generic")
+
+
 def blas_description() -> str:
     from threadpoolctl import threadpool_info
 
@@ -34,7 +40,11 @@ def blas_description() -> str:
 
 def describe_machine() -> dict:
     """CPU, cores, and the versions and SIMD level of what does the arithmetic."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+    import faiss
+    import numpy as np
+    import sklearn
+
+    return {"cpu": cpu_model(), "cores": default_threads(), "python": platform.python_version(),
             "numpy": np.__version__, "blas": blas_description(),
             "scikit-learn": sklearn.__version__, "faiss": faiss.__version__,
             "faiss_simd": simd_level()}

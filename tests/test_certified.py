@@ -9,11 +9,10 @@ import faiss
 import numpy as np
 from helpers import clustered_digits, exact_knn, make_collection, run_cli
 
-from mnist_ann.build import build_indexes
-from mnist_ann.certified import LowerBounds
-from mnist_ann.recipes import resolve_recipe
-from mnist_ann.search import KnnIndex
-from mnist_ann.store import Collection
+from mnist_ann.api import Collection
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.certified import CertifiedSearcher, LowerBounds
+from mnist_ann.index.recipes import resolve_recipe
 
 
 def collection_of(store: Path, images: np.ndarray, labels: np.ndarray | None = None,
@@ -26,7 +25,7 @@ def collection_of(store: Path, images: np.ndarray, labels: np.ndarray | None = N
     return Collection.open(store, "c")
 
 
-def assert_exact(knn: KnnIndex, train: np.ndarray, queries: np.ndarray, params: dict,
+def assert_exact(knn: CertifiedSearcher, train: np.ndarray, queries: np.ndarray, params: dict,
                  k: int = 7) -> dict:
     true_distances, true_rows = exact_knn(train, queries, k)
     found = knn.search(queries, k, params)
@@ -39,7 +38,7 @@ def test_random_data_where_pca_captures_little(isolated: Path) -> None:
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (2200, 784), dtype=np.uint8)  # no low-dimensional structure
     collection = collection_of(isolated / "store", images)
-    knn = KnnIndex(collection, "exact-pca")
+    knn = collection.searcher("exact-pca")
     train, test = collection.train().pixels, collection.test().pixels
     for components in (8, 32, 128):
         stats = assert_exact(knn, train, test, {"components": components})
@@ -51,7 +50,7 @@ def test_random_data_where_pca_captures_little(isolated: Path) -> None:
 def test_structured_data_is_pruned_and_exact(isolated: Path) -> None:
     images, labels = clustered_digits(3000, seed=2)
     collection = collection_of(isolated / "store", images, labels)
-    knn = KnnIndex(collection, "exact-pca")
+    knn = collection.searcher("exact-pca")
     train, test = collection.train().pixels, collection.test().pixels
     stats = assert_exact(knn, train, test, {"components": 32, "candidates": 16}, k=5)
     assert stats["verified_median"] < len(train) / 10 and stats["fallback_queries"] == 0
@@ -71,7 +70,7 @@ def test_equal_distances_follow_the_training_row(isolated: Path) -> None:
     steps = images.copy()
     steps[:, 0] += 3  # and copies one step away: many rows at exactly equal distances
     collection = collection_of(isolated / "store", np.concatenate([images, steps]))
-    knn = KnnIndex(collection, "exact-pca")
+    knn = collection.searcher("exact-pca")
     train = collection.train().pixels
     queries = np.concatenate([base[:10], collection.test().pixels[:20]])
     for k in (7, 45):
@@ -81,7 +80,7 @@ def test_equal_distances_follow_the_training_row(isolated: Path) -> None:
 def test_queries_that_force_the_fallback(isolated: Path) -> None:
     images, labels = clustered_digits(3000, seed=6)
     collection = collection_of(isolated / "store", images, labels)
-    knn = KnnIndex(collection, "exact-pca")
+    knn = collection.searcher("exact-pca")
     rng = np.random.default_rng(0)
     far = rng.integers(0, 256, (30, 784), dtype=np.uint8)  # unlike any training image
     # in one batch with ordinary queries, which are certified in earlier rounds
@@ -112,7 +111,7 @@ def test_the_margin_holds_where_raw_float_bounds_overshoot(isolated: Path) -> No
     rng = np.random.default_rng(7)
     images = subspace_data(rng, 1500, 24)
     collection = collection_of(isolated / "store", images)
-    knn = KnnIndex(collection, "exact-pca")
+    knn = collection.searcher("exact-pca")
     bounds: LowerBounds = knn.bounds
     train, queries = collection.train().pixels, collection.test().pixels
     projected = bounds.project(queries, 128)
@@ -152,7 +151,7 @@ def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path,
                                  (np.arange(len(images)) % 10).astype(np.uint8), 0.02)
     train = collection.train().pixels
     build_indexes(collection, [resolve_recipe("exact-pca", len(train))], threads=2)
-    knn = KnnIndex(Collection.open(isolated / "store", "c"), "exact-pca")
+    knn = Collection.open(isolated / "store", "c").searcher("exact-pca")
     query = centre[None].astype(np.uint8)
     params = {"components": 128, "candidates": 64}
     assert_exact(knn, train, query, params, k=7)
@@ -178,7 +177,7 @@ def test_cli_query_json_shows_what_was_verified(isolated: Path) -> None:
     assert 1 <= certified["lists_scanned_median"] <= certified["lists"]
     bad = run_cli("query", "--collection", "c", "--index", "exact-pca", "--param",
                   "components=129")
-    assert bad.exit_code == 2 and "from 1 to 128" in bad.stderr
+    assert bad.exit_code == 2 and "at most 128" in bad.stderr
 
 
 def test_factory_pca_orders_components_by_variance() -> None:

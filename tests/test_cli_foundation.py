@@ -15,8 +15,9 @@ import pytest
 from helpers import assert_clean_error, mirror_pickle, run_cli, tree, write_idx_dir
 from sklearn.model_selection import train_test_split
 
-from mnist_ann.mnist import FINGERPRINT
-from mnist_ann.store import Collection, read_table
+from mnist_ann.api import Collection
+from mnist_ann.data.mnist import FINGERPRINT
+from mnist_ann.data.tables import read_parquet as read_table
 
 
 @contextlib.contextmanager

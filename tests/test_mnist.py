@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn.model_selection import train_test_split
 
-import mnist_ann.mnist as mnist_module
-from mnist_ann.errors import DataError, IntegrityError, InvalidArgument
-from mnist_ann.mnist import (
+import mnist_ann.data.mnist as mnist_module
+from mnist_ann.data.mnist import (
     FINGERPRINT,
     SourceUnavailable,
     Split,
@@ -32,6 +31,7 @@ from mnist_ann.mnist import (
     read_cache,
     read_mirror_wheel,
 )
+from mnist_ann.errors import DataError, IntegrityError, InvalidArgument
 
 
 @given(arrays(np.uint8, st.tuples(st.integers(0, 5), st.just(28), st.just(28))))

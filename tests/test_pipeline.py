@@ -8,15 +8,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import writable_copy
 from helpers import assert_clean_error, exact_knn, make_collection, run_cli
 from scipy.ndimage import affine_transform
 
-from mnist_ann.build import build_indexes
-from mnist_ann.metrics import recall, vote
-from mnist_ann.pipeline import CENTRE, SIDE, apply_pipeline, deskew
-from mnist_ann.recipes import resolve_recipe
-from mnist_ann.search import KnnIndex
-from mnist_ann.store import Collection
+from mnist_ann.api import Collection
+from mnist_ann.classify import vote
+from mnist_ann.data.pipeline import CENTRE, SIDE, apply_pipeline, deskew
+from mnist_ann.evaluation.metrics import recall
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.layers import transforms_of
+from mnist_ann.index.recipes import resolve_recipe
 
 pytestmark = pytest.mark.slow  # real MNIST digits
 
@@ -138,16 +140,16 @@ def test_cli_query_applies_the_index_pipeline(real: Collection, tmp_path: Path) 
 
 
 def test_pca_index_ranks_in_its_own_space_and_is_exact_at_full_probe(real: Collection) -> None:
-    knn = KnnIndex(real, "deskew-pca-ivf")
-    assert knn.space == "deskew → L2norm → PCA48"
+    knn = real.searcher("deskew-pca-ivf")
+    assert knn.space.description == "deskew → L2norm → PCA48"
     test = real.test()
-    features = knn.features(test.pixels)
+    features = knn.space.embed(test.pixels)
     assert features.shape == (len(test), 48)
     expected = apply_pipeline(("deskew",), test.pixels)
-    for transform in knn._transforms():
+    for transform in transforms_of(knn.owner):
         expected = transform.apply(expected)
     np.testing.assert_array_equal(features, expected)
-    true_distances, _ = brute_force(knn.train_features, features, 7)
+    true_distances, _ = brute_force(knn.space.features, features, 7)
     nlist = real.indexes["deskew-pca-ivf"]["build_args"]["nlist"]
     everything = knn.search(test.pixels, 7, {"nprobe": nlist})
     assert recall(everything.distances, true_distances, 7) == 1.0
@@ -163,17 +165,14 @@ def test_pca_index_ranks_in_its_own_space_and_is_exact_at_full_probe(real: Colle
 ])
 def test_manifest_with_an_edited_pipeline_is_refused(real: Collection, tmp_path: Path, edit,
                                                      fragment: str) -> None:
-    manifest_path = real.root / "manifest.json"
-    original = manifest_path.read_text()
-    try:
-        manifest = json.loads(original)
-        edit(manifest["indexes"]["deskew-flat"], manifest["indexes"]["flat"])
-        manifest_path.write_text(json.dumps(manifest))
-        result = run_cli("query", "--store", real.root.parent, "--collection", "mini",
-                         "--index", "deskew-flat", "--output", tmp_path / "out.csv")
-        assert_clean_error(result, 1, fragment)
-        assert not (tmp_path / "out.csv").exists()
-    finally:
-        manifest_path.write_text(original)
+    copy = writable_copy(real, tmp_path / "store")
+    manifest_path = copy.root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest["indexes"]["deskew-flat"], manifest["indexes"]["flat"])
+    manifest_path.write_text(json.dumps(manifest))
+    result = run_cli("query", "--store", copy.root.parent, "--collection", "mini",
+                     "--index", "deskew-flat", "--output", tmp_path / "out.csv")
+    assert_clean_error(result, 1, fragment)
+    assert not (tmp_path / "out.csv").exists()
     assert run_cli("query", "--store", real.root.parent, "--collection", "mini", "--index",
                    "deskew-flat").exit_code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import writable_copy
 from helpers import (
     assert_clean_error,
     clustered_digits,
@@ -24,23 +26,21 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn.utils.extmath import weighted_mode
 
-from mnist_ann.build import build_indexes
+from mnist_ann.api import Collection
+from mnist_ann.classify import vote
+from mnist_ann.data.tables import Table
 from mnist_ann.errors import IntegrityError, InvalidArgument
-from mnist_ann.metrics import vote
-from mnist_ann.recipes import resolve_recipe
-from mnist_ann.search import KnnIndex
-from mnist_ann.store import Collection, Table, write_table
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.recipes import resolve_recipe
+from mnist_ann.store.collection import write_table
 
 SYN = ["--collection", "syn"]
 
 
 @pytest.fixture
-def built(isolated: Path) -> Collection:
-    images, labels = clustered_digits(3000, seed=5)
-    collection = make_collection(isolated / "store", "syn", images, labels)
-    build_indexes(collection, [resolve_recipe(name, len(collection.train()))
-                               for name in ("flat", "hnsw", "ivf")], threads=2)
-    return Collection.open(isolated / "store", "syn")
+def built(shared, use_store, isolated: Path) -> Collection:
+    """The shared synthetic collection (flat, hnsw, ivf), the CLI's default store."""
+    return use_store(shared("syn"))
 
 
 # --- votes ----------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_missing_neighbours_do_not_vote() -> None:
 @pytest.mark.parametrize("name", ["flat", "hnsw", "ivf"])
 def test_search_ranks_exactly_and_matches_brute_force(built: Collection, name: str) -> None:
     train, test = built.train(), built.test()
-    found = KnnIndex(built, name).search(test.pixels, 10)
+    found = built.searcher(name).search(test.pixels, 10)
     true_distances, true_rows = exact_knn(train.pixels, test.pixels, 10)
     diffs = train.pixels[found.rows].astype(np.int64) - test.pixels[:, None, :]
     np.testing.assert_array_equal(found.distances, (diffs * diffs).sum(-1))
@@ -103,7 +103,7 @@ def test_equal_distances_follow_the_training_row(isolated: Path) -> None:
     images[::2, 0] += 10  # half the rows at one distance, half at another
     collection = make_collection(isolated / "store", "ties", images, np.arange(60) % 10)
     build_indexes(collection, [resolve_recipe("flat", 54)], threads=1)
-    found = KnnIndex(collection, "flat").search(base, 20)
+    found = collection.searcher("flat").search(base, 20)
     rows_at_zero = found.rows[0][found.distances[0] == 0]
     assert len(rows_at_zero) == 20 and (np.diff(rows_at_zero) > 0).all()
     first_20 = np.flatnonzero(collection.train().pixels[:, 0] == base[0, 0])[:20]
@@ -126,7 +126,7 @@ def test_float32_near_ties_are_resolved_exactly(isolated: Path) -> None:
     raw = faiss.read_index(str(collection.root / collection.indexes["flat"]["file"]))
     _, raw_rows = raw.search(query.astype(np.float32), 15)
     assert not set(true_rows[0][:3]) <= set(raw_rows[0])  # float32 alone misses them
-    found = KnnIndex(collection, "flat").search(query, 7)
+    found = collection.searcher("flat").search(query, 7)
     np.testing.assert_array_equal(found.rows, true_rows)
     np.testing.assert_array_equal(found.distances, true_distances)
 
@@ -138,7 +138,7 @@ def test_every_input_format_gives_the_same_predictions(built: Collection, tmp_pa
 
     test = built.test()
     pixels, labels = test.pixels[:40], test.labels[:40]
-    expected = KnnIndex(built, "flat").classify(pixels).predictions
+    expected = built.classifier("flat").predict(pixels)
     write_table(tmp_path / "q.parquet", Table(test.ids[:40], labels, pixels))
     write_table(tmp_path / "unlabelled.parquet", Table(test.ids[:40], None, pixels))
     np.save(tmp_path / "flat.npy", pixels)
@@ -193,8 +193,7 @@ def test_summary_table_and_json_agree(built: Collection) -> None:
                                  "--threads", "1", "--json").stdout)
     assert as_json["params"] == {"efSearch": 32} and as_json["threads"] == 1
     truth = built.test().labels
-    predictions = KnnIndex(built, "hnsw").classify(built.test().pixels, 7,
-                                                   {"efSearch": 32}).predictions
+    predictions = built.classifier("hnsw", params={"efSearch": 32}).predict(built.test().pixels)
     assert as_json["correct"] == int((predictions == truth).sum())
     text = run_cli("query", *SYN, "--index", "hnsw", "--param", "efSearch=32").stdout
     assert f"correct: {as_json['correct']}" in text and "queries_per_second:" in text
@@ -272,7 +271,9 @@ def test_bad_arguments(built: Collection, tmp_path: Path, monkeypatch, args, cod
     assert not (tmp_path / "out.txt").exists()
 
 
-def test_index_changed_after_build_is_refused(built: Collection, tmp_path: Path) -> None:
+def test_index_changed_after_build_is_refused(built: Collection, tmp_path: Path,
+                                              use_store) -> None:
+    built = use_store(writable_copy(built, tmp_path / "copy"))
     path = built.root / built.indexes["hnsw"]["file"]
     data = bytearray(path.read_bytes())
     data[-100] ^= 0x01
@@ -280,24 +281,46 @@ def test_index_changed_after_build_is_refused(built: Collection, tmp_path: Path)
     result = run_cli("query", *SYN, "--index", "hnsw", "--output", tmp_path / "out.csv")
     assert_no_output(result, tmp_path, 1, "fails its checksum")
     with pytest.raises(IntegrityError):
-        KnnIndex(built, "hnsw")
+        Collection.open(built.root.parent, "syn").searcher("hnsw")
 
 
-def test_library_rejects_queries_that_are_not_uint8_rows(built: Collection) -> None:
-    index = KnnIndex(built, "flat")
-    with pytest.raises(InvalidArgument, match="uint8"):
-        index.classify(np.zeros((2, 784), np.float32))
-    with pytest.raises(InvalidArgument, match="empty"):
-        index.classify(np.zeros((0, 784), np.uint8))
+@pytest.mark.parametrize(("queries", "fragment"), [
+    (np.full((2, 784), 0.5, np.float32), "not whole numbers"),
+    (np.full((2, 784), 300), "outside 0..255"),
+    (np.full((2, 784), np.nan), "NaN"),
+    (np.zeros((2, 783), np.uint8), "expected [n, 784]"),
+    (np.zeros((0, 784), np.uint8), "no images"),
+    (np.array([["a"] * 784]), "expected numbers"),
+])
+def test_every_entry_point_rejects_queries_that_are_not_pixels(built: Collection, queries,
+                                                               fragment: str) -> None:
+    classifier = built.classifier("flat")
+    for entry in (classifier.predict, classifier.predict_proba, classifier.kneighbors,
+                  classifier.classify, built.searcher("hnsw").search):
+        args = (queries, 7) if entry.__name__ == "search" else (queries,)
+        with pytest.raises(InvalidArgument, match=re.escape(fragment)):
+            entry(*args)
+
+
+def test_whole_number_queries_of_any_dtype_rank_like_uint8(built: Collection) -> None:
+    pixels = built.test().pixels[:30]
+    searcher = built.searcher("flat")
+    expected = searcher.search(pixels, 7)
+    for kind in (np.int64, np.float64, np.float32):
+        found = searcher.search(pixels.astype(kind), 7)
+        np.testing.assert_array_equal(found.rows, expected.rows)
+        np.testing.assert_array_equal(found.distances, expected.distances)
+    square = searcher.search(pixels.reshape(-1, 28, 28), 7)
+    np.testing.assert_array_equal(square.rows, expected.rows)
 
 
 def test_neighbours_an_index_cannot_find_are_marked_missing(isolated: Path) -> None:
-    from mnist_ann.search import MISSING
+    from mnist_ann.index.neighbours import MISSING
 
     images, labels = clustered_digits(800, seed=4)
     collection = make_collection(isolated / "store", "sparse", images, labels)
     build_indexes(collection, [resolve_recipe("sq=IVF16,Flat", 720)], threads=1)
-    found = KnnIndex(collection, "sq").search(collection.test().pixels, 60, {"nprobe": 1})
+    found = collection.searcher("sq").search(collection.test().pixels, 60, {"nprobe": 1})
     missing = found.rows < 0
     assert missing.any()  # one list of about 45 rows cannot hold 60 neighbours
     assert (found.distances[missing] == MISSING).all()

@@ -9,10 +9,9 @@ import pytest
 from helpers import run_cli
 from sklearn.neighbors import KNeighborsClassifier
 
-from mnist_ann.build import build_indexes
-from mnist_ann.recipes import resolve_recipe
-from mnist_ann.search import KnnIndex
-from mnist_ann.store import Collection
+from mnist_ann.api import Collection
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.recipes import resolve_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -24,22 +23,29 @@ def sklearn_knn(collection: Collection, k: int, weights: str = "uniform"):
         train.pixels.astype(np.float64), train.labels)
 
 
-def test_flat_reproduces_the_study_exactly(seed_collection: Collection) -> None:
+def test_flat_reproduces_the_study_exactly(seed_collection: Collection, seed_flat,
+                                          tmp_path) -> None:
+    output = tmp_path / "predictions.parquet"
     result = run_cli("query", "--store", seed_collection.root.parent, "--collection", "seed",
-                     "--index", "flat", "--json")
+                     "--index", "flat", "--json", "--output", output)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["accuracy"] == 0.9687142857142857
     assert summary["correct"] == 13_562 and summary["n"] == 14_000
-    ours = KnnIndex(seed_collection, "flat").classify(seed_collection.test().pixels, k=7)
+    import pyarrow.parquet as pq
+
+    from_cli = pq.read_table(output).column("predicted").to_numpy()
+    np.testing.assert_array_equal(from_cli, seed_flat.predictions)  # the CLI is the library
     expected = sklearn_knn(seed_collection, 7).predict(
         seed_collection.test().pixels.astype(np.float64))
-    np.testing.assert_array_equal(ours.predictions, expected)
+    np.testing.assert_array_equal(seed_flat.predictions, expected)
+    accuracy = np.mean(seed_flat.predictions == seed_collection.test().labels)
+    assert accuracy == 0.9687142857142857
 
 
 def test_flat_neighbour_lists_are_scikit_learns(seed_collection: Collection) -> None:
     queries = seed_collection.test().pixels[:1500]
-    ours = KnnIndex(seed_collection, "flat").search(queries, 7)
+    ours = seed_collection.searcher("flat").search(queries, 7)
     model = sklearn_knn(seed_collection, 7)
     distances, rows = model.kneighbors(queries.astype(np.float64))
     np.testing.assert_array_equal(ours.distances, np.rint(distances ** 2).astype(np.int64))
@@ -57,12 +63,12 @@ CASES = [("standard", 7, "uniform"), ("standard", 4, "uniform"), ("seed", 2, "un
 def test_flat_matches_scikit_learn_and_ann_agrees(request: pytest.FixtureRequest, which: str,
                                                   k: int, weights: str) -> None:
     collection: Collection = request.getfixturevalue(f"{which}_collection")
-    queries = collection.test().pixels[:2000]
-    flat = KnnIndex(collection, "flat").classify(queries, k=k, weights=weights)
+    queries = collection.test().pixels[:1000]
+    flat = collection.classifier("flat", k=k, weights=weights).classify(queries)
     expected = sklearn_knn(collection, k, weights).predict(queries.astype(np.float64))
     np.testing.assert_array_equal(flat.predictions, expected)
-    for name in ("hnsw", "ivf"):
-        approximate = KnnIndex(collection, name).classify(queries, k=k, weights=weights)
+    for name in ("hnsw", "ivf") if which == "seed" else ():  # built on the seed split only
+        approximate = collection.classifier(name, k=k, weights=weights).classify(queries)
         agreement = np.mean(approximate.predictions == flat.predictions)
         assert agreement >= 0.99, (name, agreement)
 
@@ -83,14 +89,15 @@ def test_confusion_matrix_and_output_on_real_data(seed_collection: Collection, t
         summary["accuracy"]
 
 
-def test_exact_pca_equals_flat_on_every_seed_query(seed_collection: Collection) -> None:
+def test_exact_pca_equals_flat_on_every_seed_query(seed_collection: Collection,
+                                                   seed_flat) -> None:
     build_indexes(seed_collection, [resolve_recipe("exact-pca", len(seed_collection.train()))],
                   threads=2)
     queries = seed_collection.test().pixels
-    flat = KnnIndex(seed_collection, "flat").classify(queries, k=7)
-    exact = KnnIndex(seed_collection, "exact-pca")
+    flat = seed_flat
     for components in (32, 96):
-        ours = exact.classify(queries, k=7, params={"components": components})
+        ours = seed_collection.classifier("exact-pca",
+                                          params={"components": components}).classify(queries)
         np.testing.assert_array_equal(ours.neighbours.rows, flat.neighbours.rows)
         np.testing.assert_array_equal(ours.neighbours.distances, flat.neighbours.distances)
         np.testing.assert_array_equal(ours.predictions, flat.predictions)
@@ -103,5 +110,5 @@ def test_deskew_pca_beats_raw_pixels_through_an_approximate_index(
     build_indexes(seed_collection, [resolve_recipe("deskew-pca-ivf",
                                                    len(seed_collection.train()))], threads=2)
     test = seed_collection.test()
-    result = KnnIndex(seed_collection, "deskew-pca-ivf").classify(test.pixels, k=7)
+    result = seed_collection.classifier("deskew-pca-ivf").classify(test.pixels)
     assert np.mean(result.predictions == test.labels) >= 0.985

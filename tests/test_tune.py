@@ -7,35 +7,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import writable_copy
 from helpers import (
     assert_clean_error,
-    clustered_digits,
     exact_knn,
-    make_collection,
     run_cli,
 )
 
-import mnist_ann.store as store_module
-from mnist_ann.build import build_indexes
-from mnist_ann.metrics import recall
-from mnist_ann.recipes import resolve_recipe
-from mnist_ann.search import FLOAT32_EXACT_LIMIT, MISSING, KnnIndex, exact_distances
-from mnist_ann.store import Collection
-from mnist_ann.tune import Target, drop_self, held_out_rows, tune_index
+from mnist_ann.api import Collection
+from mnist_ann.evaluation.metrics import recall
+from mnist_ann.evaluation.tune import Target, drop_self, held_out_rows, tune_index
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.neighbours import MISSING, Neighbours
+from mnist_ann.index.recipes import resolve_recipe
+from mnist_ann.index.space import FLOAT32_EXACT_LIMIT, RankingSpace
 
-SYN = ["--collection", "syn"]
+SYN = ["--collection", "noisy"]
 
 
 @pytest.fixture
-def built(isolated: Path) -> Collection:
-    images, labels = clustered_digits(3000, seed=8)
-    # noise in every dimension, so that a PCA64 projection alone misorders neighbours
-    noise = np.random.default_rng(8).normal(0, 25, images.shape)
-    images = np.clip(images + noise, 0, 255).astype(np.uint8)
-    collection = make_collection(isolated / "store", "syn", images, labels)
-    build_indexes(collection, [resolve_recipe(name, len(collection.train()))
-                               for name in ("flat", "hnsw", "pca-hnsw")], threads=2)
-    return Collection.open(isolated / "store", "syn")
+def built(shared, use_store, isolated: Path) -> Collection:
+    """The shared noisy collection (flat, hnsw, pca-hnsw), read-only."""
+    return use_store(shared("noisy"))
+
+
+@pytest.fixture
+def writable(built: Collection, tmp_path: Path, use_store) -> Collection:
+    """A copy of the noisy collection that a test may tune (the CLI's default store)."""
+    return use_store(writable_copy(built, tmp_path / "copy"))
 
 
 def test_float32_rerank_is_exact_and_falls_back_above_two_to_the_24() -> None:
@@ -44,8 +43,9 @@ def test_float32_rerank_is_exact_and_falls_back_above_two_to_the_24() -> None:
     train[:250] //= 8  # and some below 2²⁴
     queries = (rng.random((40, 784)) < 0.5).astype(np.uint8) * 255 // 8
     rows = rng.integers(-1, 500, (40, 30))
-    integer = exact_distances(train, queries, rows)
-    fast = exact_distances(train, queries, rows, train.astype(np.float32))
+    space = RankingSpace("pixels", [], train, lambda q: q)
+    integer = space.brute_force(queries, rows)
+    fast = space.distances(queries, rows)
     assert (integer[rows >= 0] >= FLOAT32_EXACT_LIMIT).any()
     assert (integer[rows >= 0] < FLOAT32_EXACT_LIMIT).any()
     np.testing.assert_array_equal(fast, integer)
@@ -58,8 +58,8 @@ def test_float32_rerank_is_exact_and_falls_back_above_two_to_the_24() -> None:
 def test_two_stage_reranks_its_candidates_exactly_in_pixels(built: Collection) -> None:
     train, test = built.train(), built.test()
     true_distances, true_rows = exact_knn(train.pixels, test.pixels, 7)
-    knn = KnnIndex(built, "pca-hnsw")
-    assert knn.space == "pixels"
+    knn = built.searcher("pca-hnsw")
+    assert knn.space.description == "pixels"
     recalls = []
     for candidates in (7, 16, 64):
         found = knn.search(test.pixels, 7, {"efSearch": 64, "candidates": candidates})
@@ -74,23 +74,21 @@ def test_two_stage_reranks_its_candidates_exactly_in_pixels(built: Collection) -
 
 
 def test_drop_self_leaves_the_other_neighbours() -> None:
-    from mnist_ann.search import Neighbours
-
     rows = np.array([[5, 1, 2], [3, 4, 6], [9, 9, 8]])
     found = drop_self(Neighbours(rows, rows * 10), np.array([1, 7, 9]), 2)
     np.testing.assert_array_equal(found.rows, [[5, 2], [3, 4], [9, 8]])
     np.testing.assert_array_equal(found.distances, found.rows * 10)
 
 
-def test_tuning_never_reads_the_test_set(built: Collection, monkeypatch) -> None:
-    (built.root / "test.parquet").unlink()  # any read of the test table now fails
-    real_read = store_module.read_table
+def test_tuning_never_reads_the_test_set(writable: Collection, monkeypatch) -> None:
+    (writable.root / "test.parquet").unlink()  # any read of the test table now fails
+    real_read = Collection.read_verified
 
-    def guarded(path: Path):
-        assert path.name != "test.parquet", "tuning read the test set"
-        return real_read(path)
+    def guarded(self, filename: str) -> bytes:
+        assert filename != "test.parquet", "tuning read the test set"
+        return real_read(self, filename)
 
-    monkeypatch.setattr(store_module, "read_table", guarded)
+    monkeypatch.setattr(Collection, "read_verified", guarded)
     result = run_cli("tune", *SYN, "--index", "pca-hnsw", "--recall", "0.95", "--held-out",
                      "300", "--repeats", "1", "--json")
     assert result.exit_code == 0, result.stderr
@@ -98,8 +96,9 @@ def test_tuning_never_reads_the_test_set(built: Collection, monkeypatch) -> None
 
 
 @pytest.mark.parametrize("target", [Target("recall", 0.97), Target("accuracy", 0.002)])
-def test_tuned_setting_meets_its_target_on_the_held_out_rows(built: Collection,
+def test_tuned_setting_meets_its_target_on_the_held_out_rows(writable: Collection,
                                                              target: Target) -> None:
+    built = writable
     result = tune_index(built, "pca-hnsw", target, held_out=400, seed=5, repeats=1)
     chosen = result["chosen"]
     assert chosen["meets_target"]
@@ -113,8 +112,8 @@ def test_tuned_setting_meets_its_target_on_the_held_out_rows(built: Collection,
     all_distances[np.arange(400), own] = np.iinfo(np.int64).max  # leave one out
     true_rows = np.argsort(all_distances, axis=1, kind="stable")[:, :7]
     true_distances = np.take_along_axis(all_distances, true_rows, 1)
-    found = drop_self(KnnIndex(built, "pca-hnsw").search(train.pixels[own], 8,
-                                                          chosen["params"]), own, 7)
+    found = drop_self(built.searcher("pca-hnsw").search(train.pixels[own], 8,
+                                                         chosen["params"]), own, 7)
     measured_recall = recall(found.distances, true_distances, 7)
     assert measured_recall == pytest.approx(chosen["recall"], abs=1e-12)
     if target.kind == "recall":
@@ -128,18 +127,19 @@ def test_tuned_setting_meets_its_target_on_the_held_out_rows(built: Collection,
         assert accuracy >= exact_accuracy - target.value - 1e-12
 
 
-def test_tuned_default_survives_reload_and_is_used_by_query(built: Collection,
+def test_tuned_default_survives_reload_and_is_used_by_query(writable: Collection,
                                                             tmp_path: Path) -> None:
+    built = writable
     result = run_cli("tune", *SYN, "--index", "pca-hnsw", "--recall", "0.9", "--held-out",
                      "300", "--repeats", "1")
     assert result.exit_code == 0, result.stderr
     assert "default is now" in result.stdout
-    reopened = Collection.open(built.root.parent, "syn")
+    reopened = Collection.open(built.root.parent, "noisy")
     entry = reopened.indexes["pca-hnsw"]
     tuned = entry["tuned"]["params"]
     assert entry["search_defaults"] == tuned and entry["tuned"]["held_out"]["from"] == "train"
     assert entry["recipe_search_defaults"] == {"efSearch": 32, "candidates": 32}
-    assert KnnIndex(reopened, "pca-hnsw").parameters() == tuned
+    assert reopened.searcher("pca-hnsw").parameters() == tuned
     query = run_cli("query", *SYN, "--index", "pca-hnsw", "--json")
     assert query.exit_code == 0, query.stderr
     assert json.loads(query.stdout)["params"] == tuned
@@ -167,7 +167,8 @@ def test_bad_tune_arguments(built: Collection, args: list, code: int, fragment: 
     assert (built.root / "manifest.json").read_bytes() == before
 
 
-def test_unreachable_target_leaves_the_manifest_unchanged(built: Collection) -> None:
+def test_unreachable_target_leaves_the_manifest_unchanged(writable: Collection) -> None:
+    built = writable
     build_indexes(built, [resolve_recipe("coarse=IVF64,PQ2", len(built.train()))], threads=2)
     before = (built.root / "manifest.json").read_bytes()
     result = run_cli("tune", *SYN, "--index", "coarse", "--recall", "1.0", "--held-out",

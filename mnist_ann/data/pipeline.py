@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mnist_ann.data.mnist import N_PIXELS
 from mnist_ann.errors import InvalidArgument
-from mnist_ann.mnist import N_PIXELS
 
 SIDE = 28
 CENTRE = SIDE / 2.0

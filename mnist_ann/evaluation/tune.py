@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from mnist_ann.build import ProgressBar, no_progress, set_threads
+from mnist_ann.api import Collection
+from mnist_ann.classify import Classifier
 from mnist_ann.errors import InvalidArgument, MnistAnnError
-from mnist_ann.metrics import accuracy, recall
-from mnist_ann.report import format_params, grid_points
-from mnist_ann.search import KnnIndex, Neighbours
-from mnist_ann.store import Collection
+from mnist_ann.evaluation.metrics import accuracy, recall
+from mnist_ann.evaluation.sweep import format_params
+from mnist_ann.evaluation.timing import time_batch
+from mnist_ann.index.neighbours import Neighbours
+from mnist_ann.index.recipes import grid_points
+from mnist_ann.runtime import Log, Progress, faiss_threads, no_progress, silent
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int], ProgressBar]
+WARM_UP = 100
 
 
 @dataclass(frozen=True)
@@ -64,39 +65,38 @@ def drop_self(neighbours: Neighbours, own_rows: np.ndarray, k: int) -> Neighbour
 
 def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
                held_out: int = 2000, seed: int = 0, threads: int = 1, repeats: int = 3,
-               log: Log = lambda message: None, progress: Progress = no_progress) -> dict:
+               log: Log = silent, progress: Progress = no_progress) -> dict:
     """Measure every setting of the index's grid on held-out training rows, record the fastest
     that meets `target` as the index's search default, and return what was measured."""
     if target.kind not in ("recall", "accuracy") or not 0 <= target.value <= 1:
         raise InvalidArgument(f"a target is recall in (0, 1] or an accuracy tolerance in "
                               f"[0, 1], not {target.kind} {target.value}")
-    knn = KnnIndex(collection, name)
-    grid = knn.entry.get("search_grid", {})
+    searcher = collection.searcher(name)
+    grid = collection.indexes[name].get("search_grid", {})
     if not grid:
         raise MnistAnnError(f"index {name!r} has no search parameters to tune")
     train = collection.train()
     own_rows = held_out_rows(len(train), held_out, seed)
     queries, labels = train.pixels[own_rows], train.labels[own_rows]
-    set_threads(threads)
+    exact_searcher = collection.exact_searcher(name)
     log(f"{name}: exact leave-one-out neighbours of {held_out:,} held-out training rows in the "
-        f"{knn.space} space")
-    truth = drop_self(knn.exact_search(queries, k + 1), own_rows, k)
-    exact_accuracy = accuracy(knn.votes(truth), labels)
+        f"{searcher.space.description} space")
+    with faiss_threads(threads):
+        truth = drop_self(exact_searcher.search(queries, k + 1), own_rows, k)
+    voter = Classifier(searcher, train.labels, k=k)
+    exact_accuracy = accuracy(voter.votes(truth), labels)
     measured = []
     points = grid_points(grid)
-    with progress(f"tuning {name}", len(points)) as bar:
+    with progress(f"tuning {name}", len(points)) as bar, faiss_threads(threads):
         for params in points:
-            knn.search(queries[:100], k + 1, params)  # warm-up
-            seconds = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                found = knn.search(queries, k + 1, params)
-                seconds.append(time.perf_counter() - started)
+            found, seconds = time_batch(lambda p=params: searcher.search(queries, k + 1, p),
+                                        lambda p=params: searcher.search(queries[:WARM_UP],
+                                                                         k + 1, p), repeats)
             found = drop_self(found, own_rows, k)
-            votes = knn.votes(found)
-            row = {"params": knn.parameters(params), "recall": recall(found.distances,
-                                                                       truth.distances, k),
-                   "accuracy": accuracy(votes, labels), "exact_accuracy": exact_accuracy,
+            row = {"params": searcher.parameters(params),
+                   "recall": recall(found.distances, truth.distances, k),
+                   "accuracy": accuracy(voter.votes(found), labels),
+                   "exact_accuracy": exact_accuracy,
                    "queries_per_second": held_out / statistics.median(seconds)}
             row["meets_target"] = target.met(row)
             measured.append(row)

@@ -1,34 +1,8 @@
-"""Votes, accuracy, recall, confusion matrices and latency statistics: pure numpy."""
+"""Accuracy, recall, confusion matrices and latency statistics: pure numpy."""
 
 from __future__ import annotations
 
 import numpy as np
-
-WEIGHTS = ("uniform", "distance")
-
-
-def vote(neighbour_labels: np.ndarray, distances: np.ndarray, classes: np.ndarray,
-         weights: str = "uniform") -> np.ndarray:
-    """scikit-learn's k-NN vote over labels [n, k] with squared distances [n, k].
-
-    uniform: plurality; distance: weights 1/distance (Euclidean), and where a row has
-    neighbours at distance 0 only those count. A tie goes to the smallest label. Neighbours
-    with label -1 (not found) do not vote.
-    """
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}")
-    one_hot = neighbour_labels[:, :, None] == classes[None, None, :]
-    if weights == "uniform":
-        scores = one_hot.sum(axis=1, dtype=np.float64)
-    else:
-        euclidean = np.sqrt(distances.astype(np.float64))
-        with np.errstate(divide="ignore"):
-            inverse = 1.0 / euclidean
-        exact_match = np.isinf(inverse)
-        rows = exact_match.any(axis=1)
-        inverse[rows] = exact_match[rows]
-        scores = (one_hot * inverse[:, :, None]).sum(axis=1)
-    return classes[np.argmax(scores, axis=1)]
 
 
 def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:

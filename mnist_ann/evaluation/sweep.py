@@ -1,0 +1,322 @@
+"""Sweeps of each index's search settings against exact ground truth, and the baselines.
+
+Each row measures one setting: recall@k against exact search in the index's ranking space,
+accuracy of the vote, agreement with the exact vote, batch throughput and single-query
+latency (timing.py), and what the index costs. The rows go to the rendering (render/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mnist_ann.api import Collection
+from mnist_ann.classify import Classifier
+from mnist_ann.errors import InvalidArgument, MnistAnnError
+from mnist_ann.evaluation.metrics import accuracy, recall
+from mnist_ann.evaluation.timing import (
+    MIN_LATENCY_QUERIES,
+    WARM_UP_QUERIES,
+    time_batch,
+    time_single_queries,
+)
+from mnist_ann.evaluation.truth import ground_truth
+from mnist_ann.index.neighbours import Neighbours
+from mnist_ann.index.recipes import focus_of, grid_points
+from mnist_ann.index.searchers import Searcher
+from mnist_ann.machine import describe_machine, peak_memory_mb
+from mnist_ann.runtime import Log, Progress, ProgressBar, no_progress, silent
+
+RECALL_TARGETS = (0.90, 0.95, 0.99, 0.999)
+ACCURACY_TOLERANCE = 0.001
+# certified-exact indexes: lists scanned and rows verified per query, queries scanning all lists
+CERTIFIED_COLUMNS = ["lists_scanned_median", "verified_median", "verified_p99", "fallback_queries"]
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How to measure: k, repeats of the batch run, queries timed one at a time, threads, and
+    whether to sweep each recipe's whole grid or a focused part of it."""
+
+    k: int = 7
+    repeats: int = 3
+    latency_queries: int = 300
+    threads: int = 2
+    full: bool = False
+    sample: int | None = None  # test queries measured (a seeded sample), all when None
+    batch_budget_seconds: float = 5.0
+    latency_budget_seconds: float = 2.0
+
+    def grid(self, entry: dict) -> dict:
+        """The settings of an index to sweep: its whole grid, or its focused part."""
+        return dict(entry.get("search_grid") or {}) if self.full else focus_of(entry)
+
+    def describe(self) -> str:
+        grid = ("every setting of each recipe's grid" if self.full else
+                "the focused part of each recipe's grid (a few settings that show the trade-off, "
+                "and the default setting; `--full` sweeps all)")
+        queries = ("all test queries" if self.sample is None
+                   else f"a seeded sample of {self.sample:,} test queries")
+        return (f"{grid}; {queries}; batch: all of them in one call with {self.threads} "
+                "threads, after a "
+                f"warm-up on {WARM_UP_QUERIES} queries, median of {self.repeats} runs (fewer, "
+                f"at least 1, once {self.batch_budget_seconds:g} s are spent: see batch_runs); "
+                f"latency: up to {self.latency_queries} queries one at a time with 1 thread "
+                f"(at least {MIN_LATENCY_QUERIES}, fewer once "
+                f"{self.latency_budget_seconds:g} s are spent: see latency_queries), "
+                "percentiles of the per-query wall time (search, exact re-rank and vote); a "
+                "one-parameter grid stops at the first setting that returns the exact "
+                "neighbours for every query (larger settings only search more)")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What every row is measured against: labels, and the exact neighbours and exact vote in
+    the row's ranking space (pixels for the raw indexes and the baselines)."""
+
+    queries: np.ndarray
+    labels: np.ndarray
+    truth: Neighbours
+    exact_predictions: np.ndarray
+    latency_sample: np.ndarray
+    space: str = "pixels"
+    rows: np.ndarray | None = None  # the test rows measured, all when None
+
+    def subset(self, truth: Neighbours) -> Neighbours:
+        """The measured rows of a ground truth over the whole test set."""
+        if self.rows is None:
+            return truth
+        return Neighbours(truth.rows[self.rows], truth.distances[self.rows])
+
+    @property
+    def exact_accuracy(self) -> float:
+        return accuracy(self.exact_predictions, self.labels)
+
+
+def measured_row(name: str, kind: str, factory: str, params: dict, reference: Reference,
+                 k: int, distances: np.ndarray, predictions: np.ndarray, times: list[float],
+                 latency: dict, build_seconds: float, index_mb: float | None) -> dict:
+    """One result row: quality against the reference, speed, and cost."""
+    median = statistics.median(times)
+    return {"index": name, "kind": kind, "factory": factory, "space": reference.space,
+            "params": params, "k": k, "exact_accuracy": reference.exact_accuracy,
+            "recall": recall(distances, reference.truth.distances, k),
+            "accuracy": accuracy(predictions, reference.labels),
+            "agreement": accuracy(predictions, reference.exact_predictions),
+            "batch_median_s": median, "batch_best_s": min(times), "batch_runs": len(times),
+            "queries_per_second": len(reference.queries) / median, **latency,
+            "build_seconds": build_seconds, "index_mb": index_mb, "default": "",
+            **dict.fromkeys(CERTIFIED_COLUMNS),
+            "peak_memory_mb": peak_memory_mb(), "predictions": predictions}
+
+
+def measure(searcher: Searcher, labels: np.ndarray, params: dict, reference: Reference,
+            settings: SweepSettings) -> tuple[object, list[float], dict]:
+    """Time one setting of a searcher: the batch (all threads) and single queries (one)."""
+    batch = Classifier(searcher, labels, k=settings.k, params=params, threads=settings.threads)
+    single = Classifier(searcher, labels, k=settings.k, params=params, threads=1)
+    result, times = time_batch(lambda: batch.classify(reference.queries),
+                               lambda: batch.classify(reference.queries[:WARM_UP_QUERIES]),
+                               settings.repeats, settings.batch_budget_seconds)
+    latency = time_single_queries(single.classify, reference.latency_sample,
+                                  settings.latency_budget_seconds)
+    return result, times, latency
+
+
+def sweep_index(collection: Collection, name: str, reference: Reference,
+                settings: SweepSettings, bar: ProgressBar, log: Log = silent) -> list[dict]:
+    """Measure one index at every point of its (focused or full) search grid.
+
+    A grid over one parameter (efSearch, nprobe) stops once a setting finds every exact
+    neighbour of every query: larger settings search more and can only be slower.
+    """
+    entry = collection.indexes[name]
+    searcher = collection.searcher(name)
+    labels = collection.train().labels
+    grid = settings.grid(entry)
+    defaults = searcher.parameters()
+    points = grid_points(grid)
+    shown = {name: defaults[name] for name in grid if name in defaults}
+    if not settings.full and len(shown) == len(grid) and shown not in points:
+        points.append(shown)  # the setting `query` uses is always measured
+    certified = bool(entry.get("certified"))
+    rows: list[dict] = []
+    for position, params in enumerate(points):
+        result, times, latency = measure(searcher, labels, params, reference, settings)
+        rows.append(measured_row(
+            name, "mnist-ann", entry["factory"], result.params, reference, settings.k,
+            result.neighbours.distances, result.predictions, times, latency,
+            entry["build_seconds"], entry["bytes"] / 1e6))
+        rows[-1].update({key: result.stats.get(key) for key in CERTIFIED_COLUMNS})
+        if result.params == defaults:  # the setting `query` uses when not told otherwise
+            rows[-1]["default"] = "tuned" if "tuned" in entry else "recipe"
+        bar.update(1)
+        exact_already = rows[-1]["recall"] == 1.0 and not certified  # always 1 there
+        if len(grid) == 1 and exact_already and position + 1 < len(points):
+            log(f"{name}: {format_params(result.params)} already returns the exact "
+                f"neighbours; the {len(points) - position - 1} larger settings are skipped")
+            bar.update(len(points) - position - 1)
+            break
+    return rows
+
+
+def reference_for(collection: Collection, name: str, pixels: Reference, k: int,
+                  threads: int, log: Log) -> Reference:
+    """The reference for index `name`: the pixel one, or exact search in its own space."""
+    searcher = collection.searcher(name)
+    if searcher.space.key == "pixels":
+        return pixels
+    truth = pixels.subset(ground_truth(collection, name, k, threads, log))
+    exact = Classifier(collection.exact_searcher(name), collection.train().labels, k=k)
+    return dataclasses.replace(pixels, truth=truth, exact_predictions=exact.votes(truth),
+                               space=searcher.space.description)
+
+
+# --- summaries -----------------------------------------------------------------------------
+
+def pareto_frontier(rows: list[dict], x: str = "recall", y: str = "queries_per_second",
+                    higher_y_is_better: bool = True) -> list[dict]:
+    """Rows that no other row beats on both x (higher is better) and y, sorted by x."""
+    sign = 1 if higher_y_is_better else -1
+    frontier = []
+    best_y = -np.inf
+    for row in sorted(rows, key=lambda r: (-r[x], -sign * r[y])):
+        if sign * row[y] > best_y:
+            frontier.append(row)
+            best_y = sign * row[y]
+    return sorted(frontier, key=lambda r: r[x])
+
+
+def format_params(params: dict) -> str:
+    return " ".join(f"{name}={value}" for name, value in params.items()) or "-"
+
+
+def operating_points(rows: list[dict]) -> list[dict]:
+    """Per index: the fastest setting reaching each recall target, and the fastest whose
+    accuracy is within 0.001 of exact search's in the same space."""
+    points = []
+    for name in dict.fromkeys(row["index"] for row in rows):
+        candidates = [row for row in rows if row["index"] == name]
+        targets = [(f"recall ≥ {t:g}", lambda r, t=t: r["recall"] >= t) for t in RECALL_TARGETS]
+        targets.append((f"accuracy ≥ exact - {ACCURACY_TOLERANCE:g}",
+                        lambda r: r["accuracy"] >= r["exact_accuracy"] - ACCURACY_TOLERANCE
+                        - 1e-12))
+        for label, reached in targets:
+            meeting = [row for row in candidates if reached(row)]
+            best = max(meeting, key=lambda r: r["queries_per_second"]) if meeting else None
+            points.append({"index": name, "target": label,
+                           "params": format_params(best["params"]) if best else "not reached",
+                           "default": best["default"] if best else "",
+                           "recall": best["recall"] if best else None,
+                           "accuracy": best["accuracy"] if best else None,
+                           "queries_per_second": best["queries_per_second"] if best else None,
+                           "p99_ms": best["p99_ms"] if best else None})
+    return points
+
+
+def best_operating_row(rows: list[dict], exact_accuracy: float) -> dict:
+    """The fastest row within the accuracy tolerance of exact search (else the most accurate)."""
+    close = [r for r in rows
+             if r["accuracy"] >= exact_accuracy - ACCURACY_TOLERANCE - 1e-12]
+    if close:
+        return max(close, key=lambda r: r["queries_per_second"])
+    return max(rows, key=lambda r: r["accuracy"])
+
+
+# --- the whole evaluation ------------------------------------------------------------------
+
+def plan(collection: Collection, index_names: list[str] | None,
+         settings: SweepSettings) -> list[str]:
+    """The indexes an evaluation sweeps, after checking that it can run at all."""
+    names = index_names or list(collection.indexes)
+    if "flat" not in collection.indexes:
+        raise MnistAnnError(f"collection {collection.name!r} has no flat index, which the "
+                            "report needs for ground truth; build it with "
+                            "`mnist-ann build --index flat`")
+    unknown = [name for name in names if name not in collection.indexes]
+    if unknown:
+        raise MnistAnnError(f"collection {collection.name!r} has no index "
+                            f"{', '.join(map(repr, unknown))} (built: "
+                            f"{', '.join(collection.indexes)})")
+    if settings.k < 1 or settings.repeats < 1 or settings.latency_queries < 1:
+        raise InvalidArgument("k, repeats and latency queries must be at least 1")
+    n_test = collection.manifest["rows"]["test"]
+    if settings.sample is not None and not 1 <= settings.sample <= n_test:
+        raise InvalidArgument(f"the sample must be between 1 and the {n_test:,} test queries, "
+                              f"not {settings.sample}")
+    return names
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Every measured row, the operating points, the best row and what it all ran on."""
+
+    rows: list[dict]
+    points: list[dict]
+    best: dict
+    labels: np.ndarray
+    n_classes: int
+    meta: dict
+
+
+def evaluate(collection: Collection, index_names: list[str] | None = None,
+             settings: SweepSettings = SweepSettings(), baseline: bool = True,
+             peers: bool = True, log: Log = silent,
+             progress: Progress = no_progress) -> Evaluation:
+    """Sweep the collection's indexes and the baselines against exact ground truth."""
+    from mnist_ann.evaluation import baselines
+
+    started = time.perf_counter()
+    names = plan(collection, index_names, settings)
+    test = collection.test()
+    if test.labels is None:
+        raise MnistAnnError(f"{collection.name}: the test table has no labels")
+    train_labels = collection.train().labels
+    measured = (None if settings.sample is None or settings.sample == len(test) else
+                np.sort(np.random.default_rng(1).choice(len(test), settings.sample,
+                                                        replace=False)))
+    queries = test.pixels if measured is None else test.pixels[measured]
+    labels = test.labels if measured is None else test.labels[measured]
+    truth = ground_truth(collection, "flat", settings.k, settings.threads, log)
+    if measured is not None:
+        truth = Neighbours(truth.rows[measured], truth.distances[measured])
+    flat = Classifier(collection.searcher("flat"), train_labels, k=settings.k)
+    sample = np.random.default_rng(0).choice(len(queries), min(settings.latency_queries,
+                                                               len(queries)), replace=False)
+    reference = Reference(queries, labels, truth, flat.votes(truth),
+                          queries[np.sort(sample)], rows=measured)
+    rows: list[dict] = []
+    for name in names:
+        points = len(grid_points(settings.grid(collection.indexes[name])))
+        log(f"sweeping {name} ({points} settings)")
+        own = reference_for(collection, name, reference, settings.k, settings.threads, log)
+        with progress(f"{name}", points) as bar:
+            rows += sweep_index(collection, name, own, settings, bar, log)
+    if baseline:
+        rows.append(baselines.sklearn_row(collection, reference, settings, log))
+    if peers and baselines.hnswlib_available():
+        hnsw = settings.grid(collection.indexes["hnsw"]) if "hnsw" in collection.indexes else {}
+        grid = hnsw.get("efSearch") or baselines.HNSWLIB_EF
+        rows += baselines.hnswlib_rows(collection, reference, settings, grid, log, progress)
+    elif peers:
+        log("peer: hnswlib is not installed (pip install '.[peers]'); no peer curve")
+    exact_accuracy = reference.exact_accuracy
+    points = operating_points(rows)
+    best = best_operating_row(rows, exact_accuracy)
+    meta = {"collection": collection.name, "split": collection.manifest["split"],
+            "rows": collection.manifest["rows"],
+            "fingerprint": collection.manifest["dataset"]["fingerprint"], "k": settings.k,
+            "exact_accuracy": exact_accuracy, "machine": describe_machine(),
+            "settings": {"threads": settings.threads, "repeats": settings.repeats,
+                         "latency_queries": len(sample), "full": settings.full,
+                         "queries": len(queries), "method": settings.describe()},
+            "best": f"{best['index']} {format_params(best['params'])} (accuracy "
+                    f"{best['accuracy']:.4f}, {best['queries_per_second']:,.0f} queries/s)",
+            "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "seconds": time.perf_counter() - started}
+    return Evaluation(rows, points, best, labels, len(flat.classes), meta)
+

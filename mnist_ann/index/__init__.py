@@ -1,0 +1,1 @@
+"""Indexes: recipes, building, ranking spaces and the searchers over them."""

@@ -1,0 +1,198 @@
+"""Train, add and write FAISS indexes: in memory, and into a collection."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from mnist_ann.data.pipeline import apply_pipeline
+from mnist_ann.errors import InvalidArgument, MnistAnnError
+from mnist_ann.fileio import checkpoint, remove_stale_temporaries, write_named_by_content
+from mnist_ann.index.layers import index_layers, make_factory_index
+from mnist_ann.index.recipes import Recipe, check_trainable, focused_grid
+from mnist_ann.machine import simd_level
+from mnist_ann.runtime import Log, Progress, faiss_threads, no_progress, silent
+from mnist_ann.store.collection import (
+    RECORD_SUFFIX,
+    SPEC_FIELDS,
+    TEST_FILE,
+    TRAIN_FILE,
+    Collection,
+    ensure_writable,
+)
+
+ADD_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    name: str
+    status: str  # "built" or "kept"
+    entry: dict
+
+
+def make_index(recipe: Recipe, dimension: int) -> faiss.Index:
+    index = make_factory_index(dimension, recipe.factory)
+    for layer in index_layers(index):
+        if isinstance(layer, faiss.IndexHNSW) and "efConstruction" in recipe.build_args:
+            layer.hnsw.efConstruction = int(recipe.build_args["efConstruction"])
+    return index
+
+
+def train_and_add(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = silent,
+                  progress: Progress = no_progress) -> None:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if not index.is_trained:
+        log(f"{label}: training on {len(vectors):,} vectors")
+        try:
+            index.train(vectors)
+        except RuntimeError as exc:
+            raise MnistAnnError(f"{label}: FAISS could not train: "
+                                f"{str(exc).strip().splitlines()[-1]}") from exc
+    with progress(f"{label}: adding", len(vectors)) as bar:
+        for start in range(0, len(vectors), ADD_BATCH):
+            batch = vectors[start:start + ADD_BATCH]
+            index.add(batch)
+            bar.update(len(batch))
+            checkpoint(f"added:{label}")
+
+
+def build_in_memory(recipe: Recipe, vectors: np.ndarray, threads: int | None = None,
+                    log: Log = silent, progress: Progress = no_progress) -> faiss.Index:
+    """An index of `recipe` over float32 vectors [n, d] (already through its pipeline)."""
+    check_trainable(recipe, len(vectors), vectors.shape[1])
+    with faiss_threads(threads):
+        index = make_index(recipe, vectors.shape[1])
+        train_and_add(index, vectors, recipe.name, log, progress)
+    return index
+
+
+def check_clashes(collection: Collection, recipes: list[Recipe], force: bool) -> None:
+    """Refuse, before anything is built, to replace an index built from another recipe."""
+    for recipe in recipes:
+        entry = collection.indexes.get(recipe.name)
+        if entry is not None and not force and _spec(entry) != _spec(recipe.spec()):
+            raise MnistAnnError(f"index {recipe.name!r} exists with factory {entry['factory']!r} "
+                                f"{entry['build_args']}; use --force to replace it, or another "
+                                "name")
+
+
+def _spec(entry: dict) -> dict:
+    return {field: entry.get(field) for field in SPEC_FIELDS}
+
+
+def is_current(collection: Collection, recipe: Recipe) -> bool:
+    entry = collection.indexes.get(recipe.name)
+    train_sha = collection.manifest["files"][TRAIN_FILE]["sha256"]
+    return (entry is not None and _spec(entry) == _spec(recipe.spec())
+            and entry["train_sha256"] == train_sha
+            and (collection.root / entry["file"]).is_file())
+
+
+def write_index(collection: Collection, recipe: Recipe, index: faiss.Index, seconds: float,
+                threads: int) -> dict:
+    """Write an index file and its build record; return its manifest entry (not yet saved).
+
+    The index is serialized in memory and written with Python's I/O, so that a failed write
+    (a full disk) raises instead of leaving a short file that FAISS only warned about, and
+    each file is hashed once, from the bytes written.
+    """
+    data = faiss.serialize_index(index)
+    filename, digest = write_named_by_content(collection.root, recipe.name, ".faiss",
+                                              memoryview(data))
+    collection.record_file(filename, {"sha256": digest, "bytes": len(data)})
+    # the build record binds the recipe (pipeline included) to the index file's checksum, so
+    # that a manifest edited after the build cannot send queries through another pipeline
+    record = json.dumps({**recipe.spec(), "index_sha256": digest}, indent=2, sort_keys=True)
+    record_bytes = (record + "\n").encode()
+    record_file, record_digest = write_named_by_content(collection.root, recipe.name,
+                                                        RECORD_SUFFIX, record_bytes)
+    collection.record_file(record_file, {"sha256": record_digest, "bytes": len(record_bytes)})
+    return {
+        **recipe.spec(),
+        "file": filename,
+        "record": record_file,
+        "search_defaults": recipe.search_defaults,
+        "search_grid": recipe.search_grid,
+        "focus_grid": recipe.focus_grid or focused_grid(recipe.search_grid),
+        "train_sha256": collection.manifest["files"][TRAIN_FILE]["sha256"],
+        "ntotal": int(index.ntotal),
+        "build_seconds": round(seconds, 3),
+        "bytes": len(data),
+        "sha256": digest,
+        "faiss_version": faiss.__version__,
+        "simd": simd_level(),
+        "threads": threads,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def remove_unrecorded_indexes(collection: Collection) -> None:
+    """Delete index files the manifest does not name (left by a build killed mid-way)."""
+    for pattern in ("*.faiss", f"*{RECORD_SUFFIX}"):
+        for path in collection.root.glob(pattern):
+            if path.name not in collection.manifest["files"]:
+                path.unlink()
+
+
+def built_files(entry: dict) -> list[str]:
+    """The files an index entry owns: the index and its build record."""
+    return [entry[key] for key in ("file", "record") if key in entry]
+
+
+def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | None = None,
+                  force: bool = False, log: Log = silent,
+                  progress: Progress = no_progress) -> list[BuildResult]:
+    """Build each recipe into the collection; keep indexes that are already current.
+
+    Each index file is written under its content hash and the manifest is saved after it, so
+    an interrupted build leaves the previous indexes and manifest whole.
+    """
+    names = [recipe.name for recipe in recipes]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"index names repeat: {', '.join(names)}")
+    check_clashes(collection, recipes, force)
+    for filename in (TRAIN_FILE, TEST_FILE):
+        collection.verified(filename)
+    n_train = collection.manifest["rows"]["train"]
+    for recipe in recipes:
+        check_trainable(recipe, n_train)
+    ensure_writable(collection.root)
+    remove_stale_temporaries(collection.root)
+    remove_unrecorded_indexes(collection)
+    vectors: dict[tuple[str, ...], np.ndarray] = {}
+    results = []
+    with faiss_threads(threads) as used:
+        for recipe in recipes:
+            if not force and is_current(collection, recipe):
+                log(f"{recipe.name}: already built from this recipe and training table; kept "
+                    "(--force rebuilds)")
+                results.append(BuildResult(recipe.name, "kept", collection.indexes[recipe.name]))
+                continue
+            if recipe.pipeline not in vectors:
+                if recipe.pipeline:
+                    log(f"{recipe.name}: applying {', '.join(recipe.pipeline)} to the training "
+                        "set")
+                vectors[recipe.pipeline] = apply_pipeline(recipe.pipeline,
+                                                          collection.train().pixels)
+            started = time.perf_counter()
+            index = make_index(recipe, vectors[recipe.pipeline].shape[1])
+            train_and_add(index, vectors[recipe.pipeline], recipe.name, log, progress)
+            entry = write_index(collection, recipe, index, time.perf_counter() - started, used)
+            del index
+            previous = collection.indexes.get(recipe.name)
+            collection.indexes[recipe.name] = entry
+            stale = [f for f in built_files(previous or {}) if f not in built_files(entry)]
+            for filename in stale:
+                collection.manifest["files"].pop(filename, None)
+            collection.save()
+            for filename in stale:
+                (collection.root / filename).unlink(missing_ok=True)
+            log(f"{recipe.name}: {entry['ntotal']:,} vectors in {entry['build_seconds']:.1f} s, "
+                f"{entry['bytes'] / 1e6:.1f} MB")
+            results.append(BuildResult(recipe.name, "built", entry))
+    return results

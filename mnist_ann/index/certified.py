@@ -1,0 +1,445 @@
+"""Certified-exact k-NN over pixels from PCA lower bounds, with a margin for float32 rounding.
+
+A centred orthonormal projection A never lengthens a difference: |A(q - x)|² ≤ s·|q - x|², where
+s is the largest squared singular value of the float32 matrix actually used (1 up to rounding).
+Distances between projected vectors are therefore lower bounds of the true ones, once three
+float32 errors are allowed for:
+
+1. a squared distance between float32 vectors a, b is computed with an error of at most
+   `float_margin` · (|a|² + |b|²), the margin the flat index's own certification uses;
+2. each projected coordinate A_i·x + b_i is a float32 dot product of d+1 terms: off by at most
+   g·|A_i|·(|x| + 2|μ|) with g = (d+1)·2⁻²⁴ (b = -Aμ is itself rounded), so the difference of
+   two projections is off by at most ε = √m · g · max|A_i| · (|q| + |x| + 4|μ|) in length;
+3. s above, computed in float64 from the stored float32 matrix.
+
+Everything is doubled for safety. The bound grows with the computed distance, so `radius` (its
+inverse) gives, per query, the computed distance at or beyond which a row is certainly farther
+than the query's k-th neighbour.
+
+The search compares a query with most rows on 16 to 32 axes only, and with the few that may be
+neighbours on all of them, then exactly. The training rows are split into lists (k-means on
+the first SPAN_AXES axes, made once when the searcher is made; any split is correct, a good one
+is fast). Per query, in named steps:
+
+1. `list_minima`: each list's smallest bound on the first SPAN_AXES axes (FAISS's fused k=1
+   kernel);
+2. `nearest_in_best_lists`: `candidates` rows, the nearest by bound (on `components` axes) in
+   the query's best lists; verified exactly, their k-th exact distance τ is at least the true
+   k-th;
+3. `lists_in_play`: the lists whose bound is under the radius of τ can hold a neighbour; the
+   others cannot. A list's bound on the first 32 axes is the sum of its smallest bound on axes
+   0-15 and its smallest on axes 16-31 (each row's own bound is at least that sum);
+4. `rows_within`: in those lists, every row whose bound on `components` axes is under the
+   radius, by one range search (a per-query extra coordinate turns the per-query radius into a
+   common one);
+5. `verify_pairs`: those rows verified exactly: the k nearest among them are the exact answer,
+   since every row left out is farther than τ, which is at least the true k-th distance.
+
+Batches under SPLIT_BATCH queries use a single list of every row: steps 1 and 3 leave nothing
+out, and step 4 is a full scan of the projection, cheaper for them than the lists' fixed cost.
+"Queries scanning every list" (`fallback_queries`) are those for which no list could be left
+out (with a single list, every query): their range search covers every row.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import faiss
+import numpy as np
+
+from mnist_ann.errors import InvalidArgument
+from mnist_ann.index.layers import flat_vectors
+from mnist_ann.index.neighbours import Neighbours, order_exactly
+from mnist_ann.index.recipes import CANDIDATES, COMPONENTS, EXACT_PCA_CANDIDATES
+from mnist_ann.index.searchers import FaissSearcher, float32_margin
+from mnist_ann.index.space import RankingSpace, squared_norms
+
+UNIT_ROUNDING = 2.0**-24
+# a list's bound adds its smallest bound over each span of SPAN_AXES axes, up to GROUP_SPANS
+# spans: FAISS's fused k=1 kernel (10 to 16 dimensions) makes the first scan cheap
+SPAN_AXES = 16
+GROUP_SPANS = 2
+ROWS_PER_LIST = 200
+FIRST_LISTS = 3  # the first candidates come from each query's best lists, at least this many
+MAX_LISTS = 256
+# smaller batches search one list of every row: the lists' fixed cost (a few FAISS calls per
+# list) would outweigh what they save
+SPLIT_BATCH = 64
+VERIFY_CELLS = 1 << 15  # candidates verified at once, padded to the longest list among them
+RADIUS_SLACK = 1e-6  # relative, and 1e-3 absolute: "at or beyond" becomes "strictly beyond"
+
+# verify(query positions, candidate rows [n, w] padded with -1, k) -> (rows, exact distances)
+Verify = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+Map = Callable[..., Iterator]  # map, or a thread pool's map
+
+
+class LowerBounds:
+    """The projected training set of a `PCA<D>,Flat` index, with the margins of its bounds."""
+
+    def __init__(self, index: faiss.IndexPreTransform, max_pixel_norm: float,
+                 float_margin: float) -> None:
+        if not isinstance(index, faiss.IndexPreTransform) or index.chain.size() != 1:
+            raise ValueError("a certified index is PCA<D>,Flat: one transform, then Flat")
+        self.pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        flat = faiss.downcast_index(index.index)
+        if not isinstance(self.pca, faiss.PCAMatrix) or not isinstance(flat, faiss.IndexFlat):
+            raise ValueError("a certified index is PCA<D>,Flat")
+        self.index = index  # keeps the projected vectors alive
+        self.dimension = int(self.pca.d_out)
+        self.projected = flat_vectors(flat)
+        self.matrix = faiss.vector_to_array(self.pca.A).reshape(
+            self.pca.d_out, self.pca.d_in).astype(np.float64)
+        self.mean_norm = float(np.linalg.norm(faiss.vector_to_array(self.pca.mean)))
+        self.max_pixel_norm = max_pixel_norm
+        self.float_margin = float_margin
+        self.projection_error = 2 * (self.pca.d_in + 1) * UNIT_ROUNDING  # g, doubled
+        self._levels: dict[int, tuple[float, float, float]] = {}
+
+    def project(self, pixels: np.ndarray, components: int) -> np.ndarray:
+        """float32 projections [n, components] of queries, as the index projected rows."""
+        projected = self.pca.apply(np.ascontiguousarray(pixels, dtype=np.float32))
+        return np.ascontiguousarray(projected[:, :components])
+
+    def _level(self, components: int) -> tuple[float, float, float]:
+        """On the first m axes: the rows' largest squared norm, the scale s, max |A_i|
+        (computed once per m; a value, so threads may share the cache)."""
+        level = self._levels.get(components)
+        if level is None:
+            wide = self.projected[:, :components].astype(np.float64)
+            matrix = self.matrix[:components]
+            level = (float(np.einsum("ij,ij->i", wide, wide).max()),
+                     float(np.linalg.norm(matrix, 2) ** 2),
+                     float(np.linalg.norm(matrix, axis=1).max()))
+            self._levels[components] = level
+        return level
+
+    def radius(self, kth_distances: np.ndarray, query_squared_norms: np.ndarray,
+               projected: np.ndarray, components: int) -> np.ndarray:
+        """Per query, the computed distance on m axes at or beyond which a row is certainly
+        farther than `kth_distances` in pixels."""
+        flat_error, needed = self._needed(kth_distances, query_squared_norms, projected,
+                                          components)
+        return (needed + flat_error) * (1 + RADIUS_SLACK) + 1e-3
+
+    def range_offsets(self, kth_distances: np.ndarray, query_squared_norms: np.ndarray,
+                      projected: np.ndarray, components: int) -> tuple[float, np.ndarray]:
+        """One radius R and a float32 extra coordinate a per query such that, with a 0 in that
+        coordinate for every row, a row computed at or beyond R from (query, a) is certainly
+        farther than the query's k-th distance.
+
+        FAISS computes D + a² (D: the exact distance of the float32 projections) within
+        e = 2·float_margin·(|q|² + a² + max|x|²); so computed ≥ R gives D ≥ R - a² - e, and a²
+        is chosen so that this is at least the distance `radius` needs before its own
+        float error.
+        """
+        flat_error, needed = self._needed(kth_distances, query_squared_norms, projected,
+                                          components)
+        needed = needed * (1 + RADIUS_SLACK) + 1e-3
+        largest = float((needed + flat_error).max())
+        radius = np.float32(largest * (1 + RADIUS_SLACK) + 1)  # FAISS takes a float32 radius
+        if float(radius) < largest:
+            radius = np.nextafter(radius, np.float32(np.inf))
+        # e = flat_error + 2·float_margin·a²
+        squared = (float(radius) - needed - flat_error) / (1 + 2 * self.float_margin)
+        offsets = np.sqrt(np.maximum(squared, 0)).astype(np.float32)
+        too_far = offsets.astype(np.float64) ** 2 > squared
+        offsets[too_far] = np.nextafter(offsets[too_far], np.float32(0))
+        return float(radius), offsets
+
+    def _needed(self, kth_distances: np.ndarray, query_squared_norms: np.ndarray,
+                projected: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: the float error of a distance on m axes, and the exact projected
+        distance (√(kth·s) + ε)² beyond which the bound exceeds the k-th distance."""
+        max_projected, scale, row_norm = self._level(components)
+        wide = projected.astype(np.float64)
+        flat_error = 2 * self.float_margin * (np.einsum("ij,ij->i", wide, wide) + max_projected)
+        epsilon = (self.projection_error * np.sqrt(components) * row_norm
+                   * (np.sqrt(query_squared_norms) + self.max_pixel_norm + 4 * self.mean_norm))
+        scale = 2 * scale - 1 if scale > 1 else 1.0  # its excess over 1 doubled
+        return flat_error, (np.sqrt(kth_distances.astype(np.float64) * scale) + epsilon) ** 2
+
+
+class Lists:
+    """Training rows in lists, with flat indexes over ranges of axes of each list."""
+
+    def __init__(self, projected: np.ndarray, members: list[np.ndarray]) -> None:
+        self.projected = projected
+        self.members = members
+        self.sizes = np.array([len(rows) for rows in members])
+        self._indexes: dict[tuple, list[faiss.IndexFlatL2]] = {}
+        self._vectors: dict[tuple, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @classmethod
+    def by_kmeans(cls, projected: np.ndarray, axes: int) -> Lists:
+        """Rows grouped by k-means on their first `axes` axes (seeded)."""
+        vectors = np.ascontiguousarray(projected[:, :axes])
+        count = int(np.clip(len(vectors) // ROWS_PER_LIST, 1, MAX_LISTS))
+        kmeans = faiss.Kmeans(axes, count, niter=10, seed=1234, verbose=False)
+        kmeans.train(vectors)
+        _, assigned = kmeans.index.search(vectors, 1)
+        order = np.argsort(assigned[:, 0], kind="stable")
+        ends = np.cumsum(np.bincount(assigned[:, 0], minlength=count))[:-1]
+        return cls(projected, [rows for rows in np.split(order, ends) if len(rows)])
+
+    def indexes(self, start: int, stop: int, extra: bool) -> list[faiss.IndexFlatL2]:
+        """Per list, its rows on axes [start, stop), with the extra coordinate (0) if asked
+        (made on first use, once, whichever thread asks first)."""
+        key = (start, stop, extra)
+        with self._lock:
+            if key not in self._indexes:
+                indexes = []
+                for rows in self.members:
+                    vectors = np.zeros((len(rows), stop - start + extra), np.float32)
+                    vectors[:, :stop - start] = self.projected[rows, start:stop]
+                    index = faiss.IndexFlatL2(stop - start + extra)
+                    index.add(vectors)
+                    indexes.append(index)
+                self._indexes[key] = indexes
+            return self._indexes[key]
+
+    def vectors(self, start: int, stop: int) -> list[np.ndarray]:
+        """Per list, its rows on axes [start, stop), contiguous."""
+        key = (start, stop)
+        with self._lock:
+            if key not in self._vectors:
+                self._vectors[key] = [np.ascontiguousarray(self.projected[rows, start:stop])
+                                      for rows in self.members]
+            return self._vectors[key]
+
+
+def spans_of(components: int) -> list[tuple[int, int]]:
+    """The spans of axes a list's bound adds up: [0, 16), [16, 32), at most GROUP_SPANS."""
+    return [(start, min(start + SPAN_AXES, components))
+            for start in range(0, components, SPAN_AXES)][:GROUP_SPANS]
+
+
+def each_list(run: Map, lists: int, work: Callable[[int], list]) -> list:
+    """`work(j)` for every list j (on the pool when `run` is a pool's map), parts joined."""
+    return [part for parts in run(work, range(lists)) for part in parts]
+
+
+def list_minima(layout: Lists, projected: np.ndarray, run: Map) -> np.ndarray:
+    """Step 1: each list's smallest computed distance [lists, n] to each query on the first
+    span of axes (a lower bound of every row in it, up to the margins)."""
+    _, stop = spans_of(projected.shape[1])[0]
+    firsts = layout.indexes(0, stop, extra=False)
+    queries = np.ascontiguousarray(projected[:, :stop])
+    minima = np.empty((len(layout), len(projected)), np.float32)
+
+    def minimum(j: int) -> list:
+        minima[j] = firsts[j].search(queries, 1)[0][:, 0]
+        return []
+
+    each_list(run, len(layout), minimum)
+    return minima
+
+
+def nearest_in_best_lists(layout: Lists, minima: np.ndarray, extended: np.ndarray,
+                          width: int, run: Map) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2: (query, row) pairs of the `width` rows nearest by bound to each query in its
+    best lists by `minima` (at least FIRST_LISTS of them, or enough to hold `width` rows).
+
+    `extended` holds the projected queries and an extra coordinate, 0 here."""
+    n, components = len(extended), extended.shape[1] - 1
+    indexes = layout.indexes(0, components, extra=True)
+    sizes = np.sort(layout.sizes)
+    first_lists = max(FIRST_LISTS, int(np.searchsorted(np.cumsum(sizes), width)) + 1)
+    chosen = np.ones(minima.shape, bool)
+    if first_lists < len(layout):
+        best = np.argpartition(minima, first_lists - 1, axis=0)[:first_lists]
+        chosen[:] = False
+        chosen[best, np.arange(n)] = True
+
+    def nearest(j: int) -> list:
+        asked = np.flatnonzero(chosen[j])
+        if not len(asked):
+            return []
+        bounds, local = indexes[j].search(extended[asked], min(width, int(layout.sizes[j])))
+        return [(np.repeat(asked, local.shape[1]), layout.members[j][local.ravel()],
+                 bounds.ravel())]
+
+    found = each_list(run, len(layout), nearest)
+    query_of, row_of, bound = (np.concatenate([part[i] for part in found]) for i in range(3))
+    order = np.argsort(bound, kind="stable")  # by query, then bound: two quick sorts
+    order = order[np.argsort(query_of[order], kind="stable")]
+    query_of, row_of = query_of[order], row_of[order]
+    starts = _starts(np.bincount(query_of, minlength=n))
+    head = np.arange(len(query_of)) - starts[query_of] < width
+    return query_of[head], row_of[head]
+
+
+def _smallest_distances(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """min over rows of the float32 squared distance to each query: FAISS's BLAS distance
+    matrix (|q|² + |x|² - 2 q·x), on the calling thread's OpenMP threads."""
+    queries = np.ascontiguousarray(queries)
+    distances = np.empty((len(queries), len(rows)), np.float32)
+    faiss.pairwise_L2sqr(queries.shape[1], len(queries), faiss.swig_ptr(queries), len(rows),
+                         faiss.swig_ptr(rows), faiss.swig_ptr(distances))
+    return distances.min(axis=1)
+
+
+def lists_in_play(layout: Lists, bounds: LowerBounds, minima: np.ndarray, kth: np.ndarray,
+                  query_norms: np.ndarray, projected: np.ndarray, run: Map) -> np.ndarray:
+    """Step 3: which lists [lists, n] can hold a row within each query's k-th distance.
+
+    A list is out once its bound (the sum of its smallest distances over the first spans of
+    axes) reaches the radius of the k-th distance on those axes. `minima` gains the later
+    spans' minima where they were needed."""
+    spans = spans_of(projected.shape[1])
+    _, first_stop = spans[0]
+    needed = minima < bounds.radius(kth, query_norms, projected[:, :first_stop],
+                                    first_stop)[None, :]
+    for start, stop in spans[1:]:
+        span_vectors = layout.vectors(start, stop)
+        span_queries = np.ascontiguousarray(projected[:, start:stop])
+        radius = bounds.radius(kth, query_norms, projected[:, :stop], stop)
+
+        def refine(j: int, span_vectors=span_vectors, span_queries=span_queries,
+                   radius=radius) -> list:
+            asked = np.flatnonzero(needed[j])
+            if len(asked):
+                minima[j, asked] += _smallest_distances(span_queries[asked], span_vectors[j])
+                needed[j, asked] = minima[j, asked] < radius[asked]
+            return []
+
+        each_list(run, len(layout), refine)
+    return needed
+
+
+def rows_within(layout: Lists, needed: np.ndarray, extended: np.ndarray, radius: float,
+                run: Map) -> tuple[np.ndarray, np.ndarray]:
+    """Step 4: (query, row) pairs of every row, in each query's lists in play, whose computed
+    distance to (query, offset) is under `radius`: one range search per list."""
+    components = extended.shape[1] - 1
+    indexes = layout.indexes(0, components, extra=True)
+
+    def within(j: int) -> list:
+        asked = np.flatnonzero(needed[j])
+        if not len(asked):
+            return []
+        limits, _, local = indexes[j].range_search(extended[asked], radius)
+        return [(np.repeat(asked, np.diff(limits.astype(np.int64))), layout.members[j][local])]
+
+    found = each_list(run, len(layout), within)
+    return (np.concatenate([part[0] for part in found]).astype(np.int64),
+            np.concatenate([part[1] for part in found]).astype(np.int64))
+
+
+def verify_pairs(run: Map, verify: Verify, n: int, query_of: np.ndarray,
+                 row_of: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 5: the k best of each query's candidate rows, given as (query, row) pairs,
+    verified exactly in chunks of queries with similar counts; also the count per query."""
+    order = np.argsort(query_of, kind="stable")
+    row_of = row_of[order]
+    counts = np.bincount(query_of, minlength=n)
+    starts = _starts(counts)
+    by_count = np.argsort(counts, kind="stable")
+    chunks, first = [], 0
+    for last in range(1, n + 1):  # counts grow along by_count: a chunk's width is its last
+        if last == n or (last + 1 - first) * max(counts[by_count[last]], k) > VERIFY_CELLS:
+            chunks.append(by_count[first:last])
+            first = last
+    rows = np.empty((n, k), np.int64)
+    distances = np.empty((n, k), np.int64)  # pixel distances are exact integers
+
+    def chunk(queries: np.ndarray) -> None:
+        width = max(int(counts[queries[-1]]), k)
+        slots = np.arange(width)[None, :]
+        present = slots < counts[queries][:, None]
+        candidates = np.full((len(queries), width), -1, np.int64)
+        candidates[present] = row_of[(starts[queries][:, None] + slots)[present]]
+        rows[queries], distances[queries] = verify(queries, candidates, k)
+
+    list(run(chunk, chunks))
+    return rows, distances, counts
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Where each query's pairs begin once pairs are sorted by query."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+
+class CertifiedSearcher(FaissSearcher):
+    """Exact neighbours by lower-bound pruning of a `PCA<D>,Flat` index over integer
+    features, certified for every query (see the module doc)."""
+
+    def __init__(self, index: faiss.Index, space: RankingSpace,
+                 defaults: Mapping | None = None, name: str = "exact-pca") -> None:
+        if not space.integer:
+            raise InvalidArgument(f"{name}: certified search verifies exact integer distances; "
+                                  "its data must be integers (pixels)")
+        super().__init__(index, space, defaults, name)
+        self.bounds = LowerBounds(index, float(np.sqrt(space.max_squared_norm)),
+                                  float32_margin(space.dimension))
+        dimension = self.bounds.dimension
+        self.extra_parameters = {
+            COMPONENTS: (int, dimension, "the index's PCA dimension"),
+            CANDIDATES: (int, self.ntotal, "the training size")}
+        # the lists are made here, when the index is loaded, not on a first search
+        self.layouts = {True: Lists.by_kmeans(self.bounds.projected,
+                                              min(SPAN_AXES, dimension)),
+                        False: Lists(self.bounds.projected, [np.arange(self.ntotal)])}
+
+    def _complete(self, checked: dict) -> dict:
+        return {COMPONENTS: self.bounds.dimension, CANDIDATES: EXACT_PCA_CANDIDATES,
+                **checked}
+
+    def _search(self, features: np.ndarray, k: int, checked: dict,
+                faiss_params: faiss.SearchParameters | None) -> Neighbours:
+        rows, distances, stats = self.certified(features, k, checked[COMPONENTS],
+                                                checked[CANDIDATES],
+                                                faiss.omp_get_max_threads())
+        return Neighbours(rows, distances, stats)
+
+    def _verify(self, pixels: np.ndarray) -> Verify:
+        def verify(queries: np.ndarray, rows: np.ndarray,
+                   top: int) -> tuple[np.ndarray, np.ndarray]:
+            best = order_exactly(rows, self.space.distances(pixels[queries], rows, top), top)
+            return best.rows, best.distances
+
+        return verify
+
+    def certified(self, pixels: np.ndarray, k: int, components: int, candidates: int,
+                  threads: int = 1) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The exact k nearest rows of each query and their distances, certified, with what
+        it took (lists scanned, rows verified)."""
+        split = len(pixels) >= SPLIT_BATCH
+        layout = self.layouts[split]
+        n = len(pixels)
+        norms = squared_norms(pixels)
+        projected = self.bounds.project(pixels, components)
+        extended = np.zeros((n, components + 1), np.float32)  # the extra coordinate 0 for now
+        extended[:, :components] = projected
+        width = min(max(candidates, k), self.ntotal)
+        verify = self._verify(pixels)
+        # split: many small FAISS calls, several at once, each on one thread; one list: a few
+        # calls in this thread (other threads would only wait on each other)
+        with (ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads, initargs=(1,))
+              if split else nullcontext()) as pool:
+            run = pool.map if pool is not None else map
+            minima = list_minima(layout, projected, run)
+            query_of, row_of = nearest_in_best_lists(layout, minima, extended, width, run)
+            _, first, first_counts = verify_pairs(run, verify, n, query_of, row_of, k)
+            kth = first[:, k - 1].astype(np.float64)
+            needed = lists_in_play(layout, self.bounds, minima, kth, norms, projected, run)
+            radius, offsets = self.bounds.range_offsets(kth, norms, projected, components)
+            extended[:, components] = offsets
+            query_of, row_of = rows_within(layout, needed, extended, radius, run)
+            rows, distances, counts = verify_pairs(run, verify, n, query_of, row_of, k)
+        scanned = needed.sum(axis=0)
+        verified = first_counts + counts
+        stats = {"components": components, "lists": len(layout),
+                 "lists_scanned_median": float(np.median(scanned)),
+                 "verified_median": float(np.median(verified)),
+                 "verified_p99": float(np.percentile(verified, 99)),
+                 "verified_max": int(verified.max()),
+                 "fallback_queries": int((scanned == len(layout)).sum())}
+        return rows, distances, stats

@@ -1,0 +1,51 @@
+"""Which searcher a recipe's index is searched with: a registry of kinds by name.
+
+A new kind of searcher (sharded, re-ranked by another distance) is a new class behind the
+`Searcher` protocol, registered here under its name; the others stay as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import faiss
+
+from mnist_ann.index.certified import CertifiedSearcher
+from mnist_ann.index.layers import is_exhaustive
+from mnist_ann.index.recipes import Recipe
+from mnist_ann.index.searchers import (
+    ExhaustiveSearcher,
+    RerankSearcher,
+    Searcher,
+    searched_index,
+)
+from mnist_ann.index.space import RankingSpace
+
+SearcherKind = Callable[[Recipe, faiss.Index, RankingSpace, str], Searcher]
+
+
+def faiss_searcher(recipe: Recipe, index: faiss.Index, space: RankingSpace,
+                   name: str) -> Searcher:
+    """A flat index is searched exhaustively and certified; any other re-ranks candidates."""
+    searched = searched_index(recipe, index)
+    kind = ExhaustiveSearcher if is_exhaustive(searched) else RerankSearcher
+    return kind(searched, space, recipe.search_defaults, name, owner=index)
+
+
+def certified_searcher(recipe: Recipe, index: faiss.Index, space: RankingSpace,
+                       name: str) -> Searcher:
+    return CertifiedSearcher(index, space, recipe.search_defaults, name)
+
+
+SEARCHER_KINDS: dict[str, SearcherKind] = {"faiss": faiss_searcher,
+                                           "certified": certified_searcher}
+
+
+def kind_of(recipe: Recipe) -> str:
+    return "certified" if recipe.certified else "faiss"
+
+
+def make_searcher(recipe: Recipe, index: faiss.Index, space: RankingSpace,
+                  name: str | None = None) -> Searcher:
+    """The searcher a recipe's index is searched with, over `space`."""
+    return SEARCHER_KINDS[kind_of(recipe)](recipe, index, space, name or recipe.name)

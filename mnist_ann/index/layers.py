@@ -1,0 +1,76 @@
+"""What a FAISS index is made of: its wrapped layers, transforms and stored vectors."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from mnist_ann.errors import InvalidArgument
+
+
+def index_layers(index: faiss.Index) -> list[faiss.Index]:
+    """The index and every index it wraps (pre-transform, refine, id map), outermost first."""
+    layers = []
+    current = faiss.downcast_index(index)
+    while current is not None:
+        layers.append(current)
+        inner = None
+        for attribute in ("index", "base_index"):
+            if hasattr(current, attribute) and getattr(current, attribute) is not None:
+                inner = faiss.downcast_index(getattr(current, attribute))
+                break
+        current = inner
+    return layers
+
+
+def transforms_of(index: faiss.Index) -> list[faiss.VectorTransform]:
+    """The vector transforms of a pre-transform index, in order ([] for other indexes)."""
+    if not isinstance(index, faiss.IndexPreTransform):
+        return []
+    return [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+
+
+def describe_transform(transform: faiss.VectorTransform) -> str:
+    if isinstance(transform, faiss.PCAMatrix):
+        return f"PCA{transform.d_out}"
+    if isinstance(transform, faiss.NormalizationTransform):
+        return "L2norm"
+    return type(transform).__name__
+
+
+def flat_vectors(index: faiss.Index) -> np.ndarray | None:
+    """The float32 vectors [ntotal, d] a flat index (or an HNSW over flat storage) holds, as
+    a view into FAISS's memory, valid while the index lives; None for other index types."""
+    storage = index.storage if isinstance(index, faiss.IndexHNSW) else index
+    storage = faiss.downcast_index(storage)
+    if not isinstance(storage, faiss.IndexFlat) or storage.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(
+        storage.ntotal, storage.d)
+
+
+def is_exhaustive(index: faiss.Index) -> bool:
+    """True when every layer is flat (or a transform): search compares with every row."""
+    return all(isinstance(layer, faiss.IndexFlat | faiss.IndexPreTransform)
+               for layer in index_layers(index))
+
+
+def make_factory_index(dimension: int, factory: str) -> faiss.Index:
+    """FAISS's index for a factory string, or InvalidArgument naming what FAISS refused."""
+    try:
+        return faiss.index_factory(dimension, factory, faiss.METRIC_L2)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "rejected"
+        raise InvalidArgument(f"invalid FAISS factory string {factory!r}: {first}") from exc
+
+
+def describe_factory(factory: str, dimension: int) -> dict:
+    """Check a factory string with FAISS and say what kind of index it makes."""
+    index = make_factory_index(dimension, factory)
+    layers = index_layers(index)
+    ivf = next((layer for layer in layers if isinstance(layer, faiss.IndexIVF)), None)
+    hnsw = next((layer for layer in layers if isinstance(layer, faiss.IndexHNSW)), None)
+    pca = [t.d_out for layer in layers for t in transforms_of(layer)
+           if isinstance(t, faiss.PCAMatrix)]
+    return {"nlist": ivf.nlist if ivf is not None else None, "hnsw": hnsw is not None,
+            "pca": max(pca, default=None)}

@@ -1,0 +1,201 @@
+"""Searchers: one protocol, `search(queries, k, params) -> Neighbours`, many kinds.
+
+Every searcher returns each query's k nearest training rows ordered by (exact distance in its
+ranking space, row). They differ in how they find the candidates:
+
+- `RerankSearcher`: an approximate FAISS index returns `candidates` rows (k+8 by default),
+  re-ranked exactly;
+- `ExhaustiveSearcher`: a flat index compares with every row in float32; queries whose
+  float32 margin could hide a neighbour are searched again with more candidates, so the
+  answer is exact;
+- `CertifiedSearcher` (certified.py): PCA lower bounds prune, exact distances verify.
+
+Searchers hold no per-call state: one searcher may be shared by many threads. FAISS search
+parameters go to FAISS per call (params.py), never set on the shared index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar, Protocol
+
+import faiss
+import numpy as np
+
+from mnist_ann.errors import IntegrityError
+from mnist_ann.index.layers import flat_vectors, transforms_of
+from mnist_ann.index.neighbours import Neighbours, check_k, order_exactly
+from mnist_ann.index.params import check_search_parameters, make_search_parameters
+from mnist_ann.index.recipes import CANDIDATES, Recipe
+from mnist_ann.index.space import RankingSpace, squared_norms
+
+RERANK_EXTRA = 8
+# FAISS computes |q|² + |x|² - 2 q·x in float32; over d terms its error stays below about
+# d · 2⁻²⁴ · (|q|² + |x|²); for 784 pixels that is 4.7e-5 · (|q|² + |x|²). Four times that is
+# the margin, and it grows with d beyond 784.
+FLOAT32_RELATIVE_MARGIN = 2e-4
+MARGIN_DIMENSION = 784
+
+
+def float32_margin(dimension: int) -> float:
+    """The relative error margin of FAISS's float32 distances over `dimension` terms."""
+    return FLOAT32_RELATIVE_MARGIN * max(1.0, dimension / MARGIN_DIMENSION)
+
+
+class Searcher(Protocol):
+    """Finds each query's k nearest training rows, exactly ranked in `space`."""
+
+    name: str
+    space: RankingSpace
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def parameters(self, overrides: Mapping | None = None) -> dict: ...
+
+    def search(self, queries: np.ndarray, k: int,
+               params: Mapping | None = None) -> Neighbours: ...
+
+
+class FaissSearcher:
+    """What every FAISS-backed searcher shares: checked parameters and the space."""
+
+    extra_parameters: ClassVar[dict[str, tuple[type, float, str]]] = {}
+
+    def __init__(self, index: faiss.Index, space: RankingSpace,
+                 defaults: Mapping | None = None, name: str = "index",
+                 owner: faiss.Index | None = None) -> None:
+        if index.d != space.dimension or index.ntotal != len(space):
+            raise IntegrityError(f"index {name!r} holds {index.ntotal:,} vectors of {index.d} "
+                                 f"but its space has {len(space):,} of {space.dimension}; "
+                                 "rebuild it with `mnist-ann build --force`")
+        self.index = index
+        # FAISS frees an inner index with the index that wraps it: keep the wrapper alive
+        self.owner = owner if owner is not None else index
+        self.space = space
+        self.name = name
+        self.defaults = dict(defaults or {})
+        self._prepared: dict[tuple, tuple[dict, faiss.SearchParameters | None]] = {}
+        stored = flat_vectors(index)
+        if stored is not None and space.integer:
+            space.adopt_float32(stored, self.owner)  # no second float32 copy of the pixels
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, space={self.space.description!r})"
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def _prepare(self, overrides: Mapping | None) -> tuple[dict, faiss.SearchParameters | None]:
+        """Checked parameters and their FAISS objects, made once per distinct setting."""
+        key = tuple(sorted((overrides or {}).items()))
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            merged = {**self.defaults, **(overrides or {})}
+            checked = check_search_parameters(self.index, merged, f"index {self.name!r}",
+                                              self.extra_parameters)
+            prepared = self._complete(checked), make_search_parameters(self.index, checked)
+            self._prepared[key] = prepared  # whole, in one step: safe to share
+        return prepared
+
+    def _complete(self, checked: dict) -> dict:
+        return checked
+
+    def parameters(self, overrides: Mapping | None = None) -> dict:
+        """The default search parameters with `overrides` applied, checked against the
+        index."""
+        return dict(self._prepare(overrides)[0])
+
+    def search(self, queries: np.ndarray, k: int,
+               params: Mapping | None = None) -> Neighbours:
+        """The k nearest training rows of each query, exactly ranked in the space."""
+        checked, faiss_params = self._prepare(params)
+        k = check_k(k, self.ntotal)
+        return self._search(self.space.embed(queries), k, checked, faiss_params)
+
+    def _search(self, features: np.ndarray, k: int, checked: dict,
+                faiss_params: faiss.SearchParameters | None) -> Neighbours:
+        raise NotImplementedError
+
+    def _candidates(self, features: np.ndarray, width: int,
+                    faiss_params: faiss.SearchParameters | None) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(features, dtype=np.float32)
+        return self.index.search(queries, width, params=faiss_params)
+
+    def _ranked(self, features: np.ndarray, rows: np.ndarray, k: int) -> Neighbours:
+        return order_exactly(rows, self.space.distances(features, rows, k), k)
+
+
+class RerankSearcher(FaissSearcher):
+    """An approximate index's candidates (k+8, or `candidates`), re-ranked exactly."""
+
+    def _search(self, features: np.ndarray, k: int, checked: dict,
+                faiss_params: faiss.SearchParameters | None) -> Neighbours:
+        asked = checked.get(CANDIDATES)
+        width = min(max(k, asked) if asked else k + RERANK_EXTRA, self.ntotal)
+        _, rows = self._candidates(features, width, faiss_params)
+        return self._ranked(features, rows, k)
+
+
+class ExhaustiveSearcher(FaissSearcher):
+    """A flat index: k+8 candidates by float32 distance, widened where rounding could hide a
+    neighbour, so that the k returned are the exact k nearest."""
+
+    def __init__(self, index: faiss.Index, space: RankingSpace,
+                 defaults: Mapping | None = None, name: str = "index",
+                 owner: faiss.Index | None = None) -> None:
+        super().__init__(index, space, defaults, name, owner)
+        _ = space.max_squared_norm  # the margins need it: computed on load, not first search
+
+    def _search(self, features: np.ndarray, k: int, checked: dict,
+                faiss_params: faiss.SearchParameters | None) -> Neighbours:
+        width = min(k + RERANK_EXTRA, self.ntotal)
+        float_distances, rows = self._candidates(features, width, faiss_params)
+        best = self._ranked(features, rows, k)
+        return self._certify(features, k, faiss_params, best, float_distances, width)
+
+    def _certify(self, features: np.ndarray, k: int,
+                 faiss_params: faiss.SearchParameters | None, best: Neighbours,
+                 float_distances: np.ndarray, width: int) -> Neighbours:
+        """Widen the candidate list of queries where float32 rounding could hide a neighbour.
+
+        Every row not returned has a float32 distance at least the last returned one; once
+        that, less the rounding margin, exceeds the exact k-th distance, no unseen row can
+        belong in the top k.
+        """
+        margins = float32_margin(self.space.dimension) * (
+            squared_norms(features) + self.space.max_squared_norm)
+        if self.space.integer:
+            margins += 1  # integer distances: a tie at the k-th distance must be looked at
+        rows_out, distances_out = best.rows.copy(), best.distances.copy()
+        pending = np.flatnonzero(float_distances[:, -1] - margins <= best.distances[:, -1])
+        while len(pending) and width < self.ntotal:
+            width = min(width * 4, self.ntotal)
+            more_float, more_rows = self._candidates(features[pending], width, faiss_params)
+            more = self._ranked(features[pending], more_rows, k)
+            rows_out[pending], distances_out[pending] = more.rows, more.distances
+            still = more_float[:, -1] - margins[pending] <= more.distances[:, -1]
+            pending = pending[still]
+        return Neighbours(rows_out, distances_out)
+
+
+def exhaustive_searcher(space: RankingSpace, name: str = "exact") -> ExhaustiveSearcher:
+    """Brute force over the space's own features: the ground truth of any index ranking
+    there."""
+    index = faiss.IndexFlatL2(space.dimension)
+    index.add(space.float32)
+    return ExhaustiveSearcher(index, space, name=name)
+
+
+def searched_index(recipe: Recipe, index: faiss.Index) -> faiss.Index:
+    """The index FAISS searches: the inner one when the ranking happens after the index's
+    own transforms (they are applied by the space), else the whole index."""
+    if recipe.rank_space == "index" and isinstance(index, faiss.IndexPreTransform):
+        return faiss.downcast_index(index.index)
+    return index
+
+
+def space_transforms(recipe: Recipe, index: faiss.Index) -> list[faiss.VectorTransform]:
+    """The index's own transforms that belong to the ranking space."""
+    return transforms_of(index) if recipe.rank_space == "index" else []

@@ -1,0 +1,237 @@
+"""Ranking spaces: where the final exact ranking of neighbours happens.
+
+A space holds the training rows' features, the map from queries to features (a pipeline, an
+index's own transforms, or nothing) and the exact distances between the two. Integer features
+(pixels) give exact int64 squared distances; float features give float64 ones, every pair
+computed the same way. One space is shared by every index that ranks in it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+from mnist_ann.data.mnist import as_pixels
+from mnist_ann.data.pipeline import apply_pipeline
+from mnist_ann.errors import DataError, InvalidArgument
+from mnist_ann.index.layers import describe_transform
+from mnist_ann.index.neighbours import MISSING
+
+RERANK_CHUNK = 1024
+NORM_CHUNK = 8192
+# float32 sums of integer squares are exact below 2²⁴ (every partial sum is an integer no
+# larger than the total, and rounding is monotone, so a total at or above it stays there)
+FLOAT32_EXACT_LIMIT = 2**24
+# integers up to this size are exact in float32, and their squared distances fit int64
+MAX_EXACT_INTEGER = 2**15
+
+
+def squared_norms(vectors: np.ndarray) -> np.ndarray:
+    """Exact squared norms (int64 for integers, float64 otherwise), a chunk at a time."""
+    kind = np.int64 if vectors.dtype.kind in "iub" else np.float64
+    out = np.empty(len(vectors), kind)
+    for start in range(0, len(vectors), NORM_CHUNK):
+        chunk = vectors[start:start + NORM_CHUNK]
+        out[start:start + NORM_CHUNK] = np.einsum("ij,ij->i", chunk, chunk, dtype=kind)
+    return out
+
+
+def _float32_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    # FAISS's direct float32 squared differences, the same computation its HNSW and IVF
+    # scanners use (no |q|² + |x|² - 2q·x cancellation), for every pair alike
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    result = np.empty(rows.shape, np.float32)
+    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(result), faiss.swig_ptr(queries),
+                            faiss.swig_ptr(train), faiss.swig_ptr(rows), train.shape[1],
+                            len(queries), rows.shape[1])
+    return np.where(rows >= 0, result.astype(np.float64), np.inf)
+
+
+def _float64_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    result = np.full(rows.shape, np.inf)
+    for start in range(0, len(queries), RERANK_CHUNK):
+        block = slice(start, start + RERANK_CHUNK)
+        diff = train[np.maximum(rows[block], 0)] - queries[block, None, :].astype(np.float64)
+        result[block] = np.where(rows[block] >= 0, np.einsum("ncd,ncd->nc", diff, diff), np.inf)
+    return result
+
+
+def _integer_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    narrow = train.dtype == np.uint8 and queries.dtype == np.uint8
+    # uint8: differences fit int16 and 784 · 255² < 2³¹, so int32 accumulation is exact
+    diff_type, sum_type = (np.int16, np.int32) if narrow else (np.int64, np.int64)
+    result = np.full(rows.shape, MISSING, dtype=np.int64)
+    for start in range(0, len(queries), RERANK_CHUNK):
+        block = slice(start, start + RERANK_CHUNK)
+        candidates = rows[block]
+        diff = (train[np.maximum(candidates, 0)].astype(diff_type)
+                - queries[block, None, :].astype(diff_type))
+        squared = np.einsum("ncd,ncd->nc", diff, diff, dtype=sum_type).astype(np.int64)
+        result[block] = np.where(candidates >= 0, squared, MISSING)
+    return result
+
+
+class RankingSpace:
+    """Training features in one space, the map from queries into it, and exact distances.
+
+    features: training rows [n, d] in the space (integer or float); embed(queries) maps raw
+    queries to features of the same kind, checking them first. Only what a search needs is
+    computed, once: the float32 copy FAISS searches, the largest squared norm.
+    """
+
+    def __init__(self, key: str, steps: list[str], features: np.ndarray,
+                 embed: Callable[[np.ndarray], np.ndarray], owner: object = None) -> None:
+        self.key = key
+        self.owner = owner  # what `embed` needs alive (the FAISS index owning its transforms)
+        self.steps = steps
+        self.features = features
+        self._embed = embed
+        self.integer = features.dtype.kind in "iub"
+        self.missing = MISSING if self.integer else np.inf
+        self._lock = threading.Lock()
+        self._float32: np.ndarray | None = None
+        self._float32_owner: object = None
+        self._max_norm: float | None = None
+
+    def __repr__(self) -> str:
+        return (f"RankingSpace({self.key!r}, {self.description}, "
+                f"{self.features.shape[0]:,} rows of {self.dimension})")
+
+    @property
+    def description(self) -> str:
+        """The space in words: pixels, deskew → L2norm → PCA48, ..."""
+        return " → ".join(self.steps) or "pixels"
+
+    @property
+    def dimension(self) -> int:
+        return int(self.features.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def embed(self, queries: np.ndarray) -> np.ndarray:
+        """Queries as features of this space, after checking them."""
+        return self._embed(queries)
+
+    def adopt_float32(self, vectors: np.ndarray, owner: object) -> None:
+        """Use `vectors` (FAISS's own copy of the training features as float32, kept alive by
+        `owner`) instead of making another copy."""
+        if vectors.shape != self.features.shape:
+            return
+        with self._lock:
+            if self._float32 is None:
+                self._float32, self._float32_owner = vectors, owner
+
+    @property
+    def float32(self) -> np.ndarray:
+        """The training features as float32 [n, d] (exact for integers up to 2²⁴)."""
+        with self._lock:
+            if self._float32 is None:
+                self._float32 = np.ascontiguousarray(self.features, dtype=np.float32)
+            return self._float32
+
+    @property
+    def max_squared_norm(self) -> float:
+        with self._lock:
+            if self._max_norm is None:
+                self._max_norm = float(squared_norms(self.features).max(initial=0))
+            return self._max_norm
+
+    def distances(self, features: np.ndarray, rows: np.ndarray,
+                  top: int | None = None) -> np.ndarray:
+        """Exact squared L2 between each query's features [n, d] and its candidate rows [n, c].
+
+        Integers: int64, from FAISS's float32 SIMD sums (exact below 2²⁴), recomputed in
+        integers at or above it. With `top`, such sums are recomputed only for queries with
+        fewer than `top` candidates below 2²⁴: for the others they cannot be among the `top`
+        smallest, and stay their float32 sum (which, like the true distance, is ≥ 2²⁴).
+        Floats: float32 features by FAISS's float32 sums, float64 ones in float64.
+        """
+        if not self.integer:
+            if self.features.dtype == np.float32:
+                return _float32_distances(self.features, features, rows)
+            return _float64_distances(self.features, features, rows)
+        sums = _float32_distances(self.float32, features, rows)
+        result = np.where(rows >= 0, sums, 0).astype(np.int64)
+        result[rows < 0] = MISSING
+        inexact = (sums >= FLOAT32_EXACT_LIMIT) & (rows >= 0)
+        needed = inexact.any(axis=1)
+        if top is not None:
+            needed &= ((sums < FLOAT32_EXACT_LIMIT) & (rows >= 0)).sum(axis=1) < top
+        large = np.flatnonzero(needed)
+        if len(large):
+            result[large] = _integer_distances(self.features, features[large], rows[large])
+        return result
+
+    def brute_force(self, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact distances without FAISS (the reference the fast path must equal)."""
+        if self.integer:
+            return _integer_distances(self.features, features, rows)
+        return _float64_distances(self.features, features, rows)
+
+
+def pixel_queries(queries: np.ndarray) -> np.ndarray:
+    """Queries as uint8 pixels [n, 784]: whole numbers 0..255, [n, 784] or [n, 28, 28]."""
+    try:
+        return as_pixels(queries, "queries")
+    except DataError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def image_space(key: str, pipeline: tuple[str, ...], transforms: list[faiss.VectorTransform],
+                train_pixels: np.ndarray, owner: object = None) -> RankingSpace:
+    """A space over MNIST images: the pixels, or the pipeline's features after the index's
+    own transforms (which `owner`, the index holding them, keeps alive)."""
+    def features_of(pixels: np.ndarray) -> np.ndarray:
+        if not pipeline and not transforms:
+            return pixels
+        features = apply_pipeline(pipeline, pixels)
+        for transform in transforms:
+            features = transform.apply(features)
+        return features
+
+    steps = [*pipeline, *map(describe_transform, transforms)]
+    return RankingSpace(key, steps, features_of(train_pixels),
+                        lambda queries: features_of(pixel_queries(queries)), owner)
+
+
+def vector_space(train: np.ndarray) -> RankingSpace:
+    """A space over any numeric vectors (the estimator's): small integers rank exactly in
+    int64, anything else in float64."""
+    train = np.asarray(train)
+    small = (train.dtype.kind in "iub" and train.size > 0
+             and int(np.abs(train).max()) <= MAX_EXACT_INTEGER)
+    if small:
+        dtype = np.uint8 if train.min() >= 0 and train.max() <= 255 else np.int32
+        features = np.ascontiguousarray(train, dtype=dtype)
+    else:
+        features = np.ascontiguousarray(train, dtype=np.float64)
+    dimension = features.shape[1]
+
+    def embed(queries: np.ndarray) -> np.ndarray:
+        queries = np.asarray(queries)
+        if queries.ndim != 2 or queries.shape[1] != dimension:
+            raise InvalidArgument(f"queries must have shape [n, {dimension}], not "
+                                  f"{list(queries.shape)}")
+        if not np.issubdtype(queries.dtype, np.number) and queries.dtype != np.bool_:
+            raise InvalidArgument(f"queries must be numbers, not {queries.dtype}")
+        if features.dtype.kind == "f":
+            return np.ascontiguousarray(queries, dtype=np.float64)
+        if queries.size == 0:
+            return np.ascontiguousarray(queries, dtype=features.dtype)
+        low, high = queries.min(), queries.max()
+        if (not np.isfinite(low) or not np.isfinite(high) or low < -MAX_EXACT_INTEGER
+                or high > MAX_EXACT_INTEGER or not np.array_equal(queries, np.round(queries))):
+            raise InvalidArgument(
+                "this model was fitted on integers and ranks exactly in integers: its queries "
+                f"must be whole numbers within ±{MAX_EXACT_INTEGER} (fit it on floats to "
+                "query with floats)")
+        narrow = features.dtype == np.uint8 and low >= 0 and high <= 255
+        return np.ascontiguousarray(queries, dtype=np.uint8 if narrow else np.int32)
+
+    return RankingSpace("vectors", [] if small else ["float64"], features, embed)
+

@@ -1,0 +1,1 @@
+"""Pictures and report files made from what evaluation measured."""

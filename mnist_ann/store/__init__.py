@@ -1,0 +1,1 @@
+"""The store: collection folders of Parquet tables, index files and manifests."""

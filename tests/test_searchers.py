@@ -1,0 +1,213 @@
+"""The search stages on arrays in memory, each on its own: spaces, searchers, certified steps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+from helpers import clustered_digits, exact_knn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from mnist_ann.classify import Classifier
+from mnist_ann.index import certified
+from mnist_ann.index.build import build_in_memory
+from mnist_ann.index.factory import make_searcher
+from mnist_ann.index.neighbours import Neighbours, check_k, order_exactly
+from mnist_ann.index.recipes import resolve_recipe
+from mnist_ann.index.searchers import ExhaustiveSearcher, RerankSearcher
+from mnist_ann.index.space import RankingSpace, vector_space
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    images, labels = clustered_digits(3000, seed=21)
+    return images[:2700], labels[:2700], images[2700:]
+
+
+def searcher_for(recipe_name: str, train: np.ndarray):
+    recipe = resolve_recipe(recipe_name, len(train), train.shape[1])
+    space = vector_space(train)
+    index = build_in_memory(recipe, space.float32, threads=2)
+    return make_searcher(recipe, index, space)
+
+
+@given(arrays(np.uint8, st.tuples(st.integers(1, 30), st.integers(1, 40))), st.data())
+@settings(max_examples=40, deadline=None)
+def test_space_distances_are_exact_integers(train: np.ndarray, data) -> None:
+    queries = data.draw(arrays(np.uint8, st.tuples(st.integers(1, 5), st.just(train.shape[1]))))
+    rows = data.draw(arrays(np.int64, (len(queries), 4), elements=st.integers(-1, len(train) - 1)))
+    space = vector_space(train)
+    found = space.distances(space.embed(queries), rows)
+    t, q = train.astype(np.int64), queries.astype(np.int64)
+    brute = ((q[:, None, :] - t[np.maximum(rows, 0)]) ** 2).sum(-1)
+    np.testing.assert_array_equal(found[rows >= 0], brute[rows >= 0])
+    np.testing.assert_array_equal(found, space.brute_force(space.embed(queries), rows))
+
+
+def test_vector_spaces_choose_integers_only_when_exact() -> None:
+    assert vector_space(np.array([[0, 255]], np.int64)).features.dtype == np.uint8
+    assert vector_space(np.array([[-3, 9000]], np.int64)).features.dtype == np.int32
+    assert vector_space(np.array([[0.5, 1.0]])).features.dtype == np.float64
+    assert vector_space(np.array([[0, 2**20]])).features.dtype == np.float64  # too large
+    integer = vector_space(np.array([[0, 255]], np.int64))
+    with pytest.raises(ValueError, match="whole numbers"):
+        integer.embed(np.array([[0.5, 2.0]]))
+    assert integer.embed(np.array([[300.0, 2.0]])).dtype == np.int32
+
+
+@pytest.mark.parametrize(("recipe", "kind"), [("flat", ExhaustiveSearcher),
+                                              ("hnsw", RerankSearcher),
+                                              ("exact-pca", certified.CertifiedSearcher)])
+def test_searchers_on_arrays_in_memory(digits, recipe: str, kind: type) -> None:
+    train, _, queries = digits
+    searcher = searcher_for(recipe, train)
+    assert isinstance(searcher, kind)
+    found = searcher.search(queries, 9)
+    true_distances, true_rows = exact_knn(train, queries, 9)
+    if recipe == "hnsw":
+        assert np.mean(found.distances <= true_distances[:, -1:]) >= 0.98
+    else:
+        np.testing.assert_array_equal(found.rows, true_rows)
+        np.testing.assert_array_equal(found.distances, true_distances)
+
+
+def test_order_exactly_breaks_ties_by_row_and_check_k() -> None:
+    rows = np.array([[9, 3, 5, 1]])
+    distances = np.array([[4, 4, 2, 4]])
+    best = order_exactly(rows, distances, 3)
+    assert best.rows.tolist() == [[5, 1, 3]] and best.distances.tolist() == [[2, 4, 4]]
+    for bad in (0, 11, 2.5, True):
+        with pytest.raises(ValueError, match="k must be between 1 and the training size 10"):
+            check_k(bad, 10)
+
+
+class NumpySearcher:
+    """A searcher nothing else knows about: brute force in numpy."""
+
+    name = "numpy"
+
+    def __init__(self, space: RankingSpace) -> None:
+        self.space = space
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.space)
+
+    def parameters(self, overrides: Mapping | None = None) -> dict:
+        return {}
+
+    def search(self, queries: np.ndarray, k: int, params: Mapping | None = None) -> Neighbours:
+        features = self.space.embed(queries)
+        rows = np.broadcast_to(np.arange(self.ntotal), (len(features), self.ntotal))
+        return order_exactly(rows, self.space.brute_force(features, np.ascontiguousarray(rows)),
+                             k)
+
+
+def test_a_new_searcher_needs_only_the_protocol(digits) -> None:
+    train, labels, queries = digits
+    queries = queries[:100]
+    mine = Classifier(NumpySearcher(vector_space(train)), labels, k=7)
+    flat = Classifier(searcher_for("flat", train), labels, k=7)
+    np.testing.assert_array_equal(mine.predict(queries), flat.predict(queries))
+    np.testing.assert_allclose(mine.predict_proba(queries), flat.predict_proba(queries))
+
+
+# --- the certified search's steps, one at a time -------------------------------------------
+
+@pytest.fixture(scope="module")
+def certified_case(digits):
+    train, _, queries = digits
+    searcher = searcher_for("exact-pca", train)
+    layout = searcher.layouts[True]
+    projected = searcher.bounds.project(queries, 32)
+    everything = searcher.bounds.projected[:, :32].astype(np.float64)
+    true_distances, true_rows = exact_knn(train, queries, 7)
+    return searcher, layout, queries, projected, everything, true_distances, true_rows
+
+
+def test_step1_list_minima_are_each_lists_smallest_distance(certified_case) -> None:
+    _, layout, _, projected, everything, *_ = certified_case
+    minima = certified.list_minima(layout, projected, map)
+    q = projected[:, :16].astype(np.float64)
+    for j, rows in enumerate(layout.members[:20]):
+        exact = ((q[:, None, :] - everything[rows, None, :16].transpose(1, 0, 2)) ** 2).sum(-1)
+        scale = (q**2).sum(1) + (everything[rows, :16] ** 2).sum(1).max()
+        assert np.all(np.abs(minima[j] - exact.min(axis=1)) <= 1e-5 * scale)
+
+
+def test_step2_first_candidates_are_the_nearest_by_bound_in_the_best_lists(
+        certified_case) -> None:
+    searcher, layout, queries, projected, *_ = certified_case
+    minima = certified.list_minima(layout, projected, map)
+    extended = np.hstack([projected, np.zeros((len(projected), 1), np.float32)])
+    query_of, row_of = certified.nearest_in_best_lists(layout, minima, extended, 16, map)
+    assert np.all(np.bincount(query_of, minlength=len(queries)) == 16)
+    list_of = np.empty(searcher.ntotal, np.int64)
+    for j, rows in enumerate(layout.members):
+        list_of[rows] = j
+    best = np.argsort(minima, axis=0)[:certified.FIRST_LISTS]
+    for query in range(0, len(queries), 17):
+        mine = row_of[query_of == query]
+        assert set(list_of[mine]) <= set(best[:, query])
+        bounds = ((projected[query] - searcher.bounds.projected[mine, :32]) ** 2).sum(1)
+        assert np.all(np.diff(bounds) >= -1e-3 * bounds.max())  # nearest first
+
+
+def test_step3_lists_in_play_keep_every_true_neighbour(certified_case) -> None:
+    searcher, layout, queries, projected, _, true_distances, true_rows = certified_case
+    minima = certified.list_minima(layout, projected, map)
+    norms = (queries.astype(np.int64) ** 2).sum(1)
+    kth = true_distances[:, -1].astype(np.float64)
+    needed = certified.lists_in_play(layout, searcher.bounds, minima, kth, norms, projected,
+                                     map)
+    list_of = np.empty(searcher.ntotal, np.int64)
+    for j, rows in enumerate(layout.members):
+        list_of[rows] = j
+    assert all(needed[list_of[true_rows[i]], i].all() for i in range(len(queries)))
+    assert needed.sum(axis=0).mean() < len(layout) / 2  # and it does leave lists out
+
+
+def test_step4_rows_within_the_radius_include_every_true_neighbour(certified_case) -> None:
+    searcher, layout, queries, _, _, true_distances, _ = certified_case
+    projected = searcher.bounds.project(queries, 64)
+    norms = (queries.astype(np.int64) ** 2).sum(1)
+    kth = true_distances[:, -1].astype(np.float64)
+    radius, offsets = searcher.bounds.range_offsets(kth, norms, projected, 64)
+    extended = np.hstack([projected, offsets[:, None]])
+    needed = np.ones((len(layout), len(queries)), bool)
+    query_of, row_of = certified.rows_within(layout, needed, extended, radius, map)
+    t = searcher.space.features.astype(np.int64)
+    for query in range(len(queries)):
+        within = np.flatnonzero(((t - queries[query].astype(np.int64)) ** 2).sum(1)
+                                <= kth[query])
+        assert set(within) <= set(row_of[query_of == query])
+
+
+def test_step5_verify_pairs_keeps_the_k_exactly_nearest(certified_case) -> None:
+    searcher, _, queries, *_ = certified_case
+    rng = np.random.default_rng(3)
+    pairs = np.unique(rng.integers(0, len(queries) * searcher.ntotal, 5000))  # no repeats
+    query_of, row_of = pairs // searcher.ntotal, pairs % searcher.ntotal
+    rows, distances, counts = certified.verify_pairs(map, searcher._verify(queries),
+                                                     len(queries), query_of, row_of, 3)
+    np.testing.assert_array_equal(counts, np.bincount(query_of, minlength=len(queries)))
+    t, q = searcher.space.features.astype(np.int64), queries.astype(np.int64)
+    for query in range(0, len(queries), 13):
+        mine = np.unique(row_of[query_of == query])
+        exact = ((t[mine] - q[query]) ** 2).sum(1)
+        order = np.lexsort((mine, exact))[:3]
+        got = rows[query][rows[query] >= 0]
+        np.testing.assert_array_equal(got, mine[order][:len(got)])
+        np.testing.assert_array_equal(distances[query][:len(got)], exact[order][:len(got)])
+
+
+def test_certified_search_needs_integer_data(digits) -> None:
+    train, _, _ = digits
+    recipe = resolve_recipe("exact-pca", len(train))
+    space = vector_space(train.astype(np.float64) + 0.5)
+    index = build_in_memory(recipe, space.float32)
+    with pytest.raises(ValueError, match="must be integers"):
+        make_searcher(recipe, index, space)
