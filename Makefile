@@ -32,7 +32,7 @@ run: $(VENV)/.installed
 	$(BIN)/mnist-ann tune --collection seed --index pca-hnsw --recall 0.999
 	for index in flat exact-pca deskew-pca-ivf; do \
 		$(BIN)/mnist-ann query --collection seed --index $$index || exit 1; done
-	$(BIN)/mnist-ann report --collection seed --sample 2000 --out reports/seed
+	$(BIN)/mnist-ann report --collection seed --sample 2000 --latency-queries 100 --out reports/seed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check mnist_ann tests bench

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mnist_ann.classify import Classifier
@@ -51,7 +52,11 @@ class Collection(stored.Collection):
         with self._assembly:
             if name not in self._searchers:
                 started = time.perf_counter()
-                index = self.load_index(name)
+                # the training table is read while the index is hashed and parsed
+                with ThreadPoolExecutor(1) as pool:
+                    train = pool.submit(self.train)
+                    index = self.load_index(name)
+                    train.result()
                 recipe = Recipe.from_entry(index.entry)
                 space = self.space(index.space_key, recipe, index.index)
                 self._searchers[name] = make_searcher(recipe, index.index, space, name)

@@ -136,5 +136,8 @@ def test_the_study_through_the_estimator(seed_collection, seed_flat) -> None:
     model = KNeighborsClassifier(n_neighbors=7, index="flat", threads=2).fit(train.pixels,
                                                                              train.labels)
     predictions = model.predict(test.pixels)
-    assert model.score(test.pixels, test.labels) == 0.9687142857142857
+    assert np.mean(predictions == test.labels) == 0.9687142857142857
     np.testing.assert_array_equal(predictions, seed_flat.predictions)
+    part = slice(0, 1000)  # score is the accuracy of predict (checked on a part: it predicts again)
+    assert model.score(test.pixels[part], test.labels[part]) == np.mean(
+        predictions[part] == test.labels[part])

@@ -106,7 +106,8 @@ def real(digits, tmp_path_factory: pytest.TempPathFactory) -> Collection:
 def brute_force(train: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Squared L2 in float64 over float features, ordered by (distance, row)."""
     t, q = train.astype(np.float64), queries.astype(np.float64)
-    distances = ((q[:, None, :] - t[None]) ** 2).sum(-1)
+    distances = np.concatenate([((q[i:i + 16, None, :] - t[None]) ** 2).sum(-1)
+                                for i in range(0, len(q), 16)])
     order = np.lexsort((np.broadcast_to(np.arange(len(t)), distances.shape), distances), axis=1)
     return np.take_along_axis(distances, order[:, :k], 1), order[:, :k]
 

@@ -95,7 +95,7 @@ def test_exact_pca_equals_flat_on_every_seed_query(seed_collection: Collection,
                   threads=2)
     queries = seed_collection.test().pixels
     flat = seed_flat
-    for components in (32, 96):
+    for components in (48, 128):
         ours = seed_collection.classifier("exact-pca",
                                           params={"components": components}).classify(queries)
         np.testing.assert_array_equal(ours.neighbours.rows, flat.neighbours.rows)

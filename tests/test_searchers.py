@@ -211,3 +211,29 @@ def test_certified_search_needs_integer_data(digits) -> None:
     index = build_in_memory(recipe, space.float32)
     with pytest.raises(ValueError, match="must be integers"):
         make_searcher(recipe, index, space)
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW16"])
+def test_indexes_said_to_return_direct_distances_do(factory: str) -> None:
+    """IVF,Flat and HNSW over flat storage return sums of squared differences: exact for
+    integers below 2²⁴, which the re-rank then takes as they are (returns_direct_distances)."""
+    from mnist_ann.index.layers import returns_direct_distances
+
+    rng = np.random.default_rng(4)
+    train = (rng.random((2000, 784)) < 0.5).astype(np.uint8) * 255  # distances near 2.5e7
+    train[:1000] //= 8  # and some far below 2²⁴
+    queries = np.concatenate([train[:25], train[1000:1025]]) ^ (rng.random((50, 784)) < 0.05
+                                                                ).astype(np.uint8)
+    index = build_in_memory(resolve_recipe(f"x={factory}", len(train)), train.astype(np.float32))
+    assert returns_direct_distances(index)
+    params = {"nprobe": 8} if "IVF" in factory else {"efSearch": 64}
+    from mnist_ann.index.params import make_search_parameters
+
+    sums, rows = index.search(queries.astype(np.float32), 20,
+                              params=make_search_parameters(index, params))
+    exact = ((train[rows].astype(np.int64) - queries[:, None, :].astype(np.int64)) ** 2).sum(-1)
+    below = exact < 2**24
+    assert below.any() and (~below).any()
+    np.testing.assert_array_equal(sums[below], exact[below])
+    assert not returns_direct_distances(build_in_memory(resolve_recipe("flat", 2000),
+                                                        train.astype(np.float32)))

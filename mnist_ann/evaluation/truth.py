@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mnist_ann.api import Collection
+from mnist_ann.data.tables import numbers, read_arrow
 from mnist_ann.fileio import atomic_path
 from mnist_ann.index.neighbours import Neighbours
 from mnist_ann.runtime import Log, faiss_threads, silent
@@ -25,26 +26,31 @@ def _to_arrow(truth: Neighbours):  # -> pa.Table
             pa.array(truth.distances.ravel(), value_type), k)})
 
 
-def _from_bytes(data: bytes) -> Neighbours:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(pa.BufferReader(data))
-    columns = []
-    for name in ("rows", "distances"):
-        column = table.column(name).combine_chunks()
-        columns.append(column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), -1))
-    return Neighbours(columns[0].astype(np.int64), columns[1])
+def _from_bytes(data: bytes, what: str) -> Neighbours:
+    table = read_arrow(data, what)
+    columns = [numbers(table.column(name).combine_chunks().flatten()).reshape(len(table), -1)
+               for name in ("rows", "distances")]
+    return Neighbours(columns[0].astype(np.int64), columns[1].copy())
 
 
 def ground_truth(collection: Collection, index_name: str, k: int, threads: int | None = None,
-                 log: Log = silent) -> Neighbours:
+                 log: Log = silent, rows: np.ndarray | None = None) -> Neighbours:
     """Exact neighbours of the test queries in the ranking space of index `index_name`,
-    computed once and cached in the collection (checksummed like every other file)."""
+    computed once and cached in the collection (checksummed like every other file).
+
+    With `rows`, of those test rows only: read from the cache when it exists, else computed
+    for them alone (and not cached)."""
     exact = collection.exact_searcher(index_name)
     filename = truth_file(exact.space.key, k)
     if filename in collection.manifest["files"]:
-        return _from_bytes(collection.read_verified(filename))
+        truth = _from_bytes(collection.read_verified(filename), filename)
+        return truth if rows is None else Neighbours(truth.rows[rows], truth.distances[rows])
+    if rows is not None:
+        log(f"computing exact ground truth (k={k}) of {len(rows):,} sampled test queries in "
+            f"the {exact.space.description} space")
+        with faiss_threads(threads):
+            found = exact.search(collection.test().pixels[rows], k)
+        return Neighbours(found.rows, found.distances)
     log(f"computing exact ground truth (k={k}) in the {exact.space.description} space; cached "
         f"as {filename}")
     with faiss_threads(threads):

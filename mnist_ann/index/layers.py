@@ -49,6 +49,20 @@ def flat_vectors(index: faiss.Index) -> np.ndarray | None:
         storage.ntotal, storage.d)
 
 
+def returns_direct_distances(index: faiss.Index) -> bool:
+    """True when the index's distances are sums of squared differences of the vectors it was
+    given (IVF,Flat's scanner, HNSW over flat storage): for integer vectors they are then
+    exact below 2²⁴, like the re-rank's own. A flat index is not: its BLAS path computes
+    |q|² + |x|² - 2 q·x."""
+    index = faiss.downcast_index(index)
+    if index.metric_type != faiss.METRIC_L2:
+        return False
+    if type(index) is faiss.IndexIVFFlat:
+        return True
+    return isinstance(index, faiss.IndexHNSW) and type(
+        faiss.downcast_index(index.storage)) in (faiss.IndexFlat, faiss.IndexFlatL2)
+
+
 def is_exhaustive(index: faiss.Index) -> bool:
     """True when every layer is flat (or a transform): search compares with every row."""
     return all(isinstance(layer, faiss.IndexFlat | faiss.IndexPreTransform)

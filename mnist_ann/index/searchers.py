@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from mnist_ann.errors import IntegrityError
-from mnist_ann.index.layers import flat_vectors, transforms_of
+from mnist_ann.index.layers import flat_vectors, returns_direct_distances, transforms_of
 from mnist_ann.index.neighbours import Neighbours, check_k, order_exactly
 from mnist_ann.index.params import check_search_parameters, make_search_parameters
 from mnist_ann.index.recipes import CANDIDATES, Recipe
@@ -128,14 +128,26 @@ class FaissSearcher:
 
 
 class RerankSearcher(FaissSearcher):
-    """An approximate index's candidates (k+8, or `candidates`), re-ranked exactly."""
+    """An approximate index's candidates (k+8, or `candidates`), re-ranked exactly.
+
+    When the index computes its distances directly on the vectors of the space (IVF,Flat,
+    HNSW over flat storage), those are the re-rank's sums already: only integer sums at or
+    above 2²⁴ are recomputed, and no float32 copy of the training set is needed.
+    """
+
+    def __init__(self, index: faiss.Index, space: RankingSpace,
+                 defaults: Mapping | None = None, name: str = "index",
+                 owner: faiss.Index | None = None) -> None:
+        super().__init__(index, space, defaults, name, owner)
+        self.direct = returns_direct_distances(index)
 
     def _search(self, features: np.ndarray, k: int, checked: dict,
                 faiss_params: faiss.SearchParameters | None) -> Neighbours:
         asked = checked.get(CANDIDATES)
         width = min(max(k, asked) if asked else k + RERANK_EXTRA, self.ntotal)
-        _, rows = self._candidates(features, width, faiss_params)
-        return self._ranked(features, rows, k)
+        sums, rows = self._candidates(features, width, faiss_params)
+        distances = self.space.distances(features, rows, k, sums if self.direct else None)
+        return order_exactly(rows, distances, k)
 
 
 class ExhaustiveSearcher(FaissSearcher):

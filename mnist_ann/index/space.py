@@ -22,6 +22,7 @@ from mnist_ann.index.neighbours import MISSING
 
 RERANK_CHUNK = 1024
 NORM_CHUNK = 8192
+FEATURE_BLOCK = 8192  # training rows through a pipeline at a time: bounded memory
 # float32 sums of integer squares are exact below 2²⁴ (every partial sum is an integer no
 # larger than the total, and rounding is monotone, so a total at or above it stays there)
 FLOAT32_EXACT_LIMIT = 2**24
@@ -78,19 +79,30 @@ def _integer_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray)
 class RankingSpace:
     """Training features in one space, the map from queries into it, and exact distances.
 
-    features: training rows [n, d] in the space (integer or float); embed(queries) maps raw
-    queries to features of the same kind, checking them first. Only what a search needs is
-    computed, once: the float32 copy FAISS searches, the largest squared norm.
+    features: training rows [n, d] in the space (integer or float), or a function making them
+    (called once, on first use: a search whose index returns exact distances never needs
+    them); embed(queries) maps raw queries to features of the same kind, checking them first.
+    The float32 copy FAISS searches and the largest squared norm are likewise made once, when
+    first needed.
     """
 
-    def __init__(self, key: str, steps: list[str], features: np.ndarray,
-                 embed: Callable[[np.ndarray], np.ndarray], owner: object = None) -> None:
+    def __init__(self, key: str, steps: list[str],
+                 features: np.ndarray | Callable[[], np.ndarray],
+                 embed: Callable[[np.ndarray], np.ndarray], owner: object = None,
+                 shape: tuple[int, int] | None = None, dtype: np.dtype | None = None) -> None:
         self.key = key
         self.owner = owner  # what `embed` needs alive (the FAISS index owning its transforms)
         self.steps = steps
-        self.features = features
         self._embed = embed
-        self.integer = features.dtype.kind in "iub"
+        if callable(features):
+            if shape is None or dtype is None:
+                raise ValueError("features made later need their shape and dtype now")
+            self._make, self._features = features, None
+            self.shape, self.dtype = (int(shape[0]), int(shape[1])), np.dtype(dtype)
+        else:
+            self._make, self._features = None, features
+            self.shape, self.dtype = features.shape, features.dtype
+        self.integer = self.dtype.kind in "iub"
         self.missing = MISSING if self.integer else np.inf
         self._lock = threading.Lock()
         self._float32: np.ndarray | None = None
@@ -98,8 +110,8 @@ class RankingSpace:
         self._max_norm: float | None = None
 
     def __repr__(self) -> str:
-        return (f"RankingSpace({self.key!r}, {self.description}, "
-                f"{self.features.shape[0]:,} rows of {self.dimension})")
+        return f"RankingSpace({self.key!r}, {self.description}, {self.shape[0]:,} rows of " \
+               f"{self.dimension})"
 
     @property
     def description(self) -> str:
@@ -108,10 +120,18 @@ class RankingSpace:
 
     @property
     def dimension(self) -> int:
-        return int(self.features.shape[1])
+        return int(self.shape[1])
 
     def __len__(self) -> int:
-        return int(self.features.shape[0])
+        return int(self.shape[0])
+
+    @property
+    def features(self) -> np.ndarray:
+        """The training rows' features [n, d], made on first use."""
+        with self._lock:
+            if self._features is None:
+                self._features = self._make()
+            return self._features
 
     def embed(self, queries: np.ndarray) -> np.ndarray:
         """Queries as features of this space, after checking them."""
@@ -119,43 +139,53 @@ class RankingSpace:
 
     def adopt_float32(self, vectors: np.ndarray, owner: object) -> None:
         """Use `vectors` (FAISS's own copy of the training features as float32, kept alive by
-        `owner`) instead of making another copy."""
-        if vectors.shape != self.features.shape:
+        `owner`) instead of making another copy; in a float32 space they are the features."""
+        if vectors.shape != self.shape:
             return
         with self._lock:
             if self._float32 is None:
                 self._float32, self._float32_owner = vectors, owner
+            if self._features is None and self.dtype == np.float32:
+                self._features = vectors
 
     @property
     def float32(self) -> np.ndarray:
         """The training features as float32 [n, d] (exact for integers up to 2²⁴)."""
+        features = self.features if self._float32 is None else None
         with self._lock:
             if self._float32 is None:
-                self._float32 = np.ascontiguousarray(self.features, dtype=np.float32)
+                self._float32 = np.ascontiguousarray(features, dtype=np.float32)
             return self._float32
 
     @property
     def max_squared_norm(self) -> float:
+        features = self.features if self._max_norm is None else None
         with self._lock:
             if self._max_norm is None:
-                self._max_norm = float(squared_norms(self.features).max(initial=0))
+                self._max_norm = float(squared_norms(features).max(initial=0))
             return self._max_norm
 
-    def distances(self, features: np.ndarray, rows: np.ndarray,
-                  top: int | None = None) -> np.ndarray:
+    def distances(self, features: np.ndarray, rows: np.ndarray, top: int | None = None,
+                  sums: np.ndarray | None = None) -> np.ndarray:
         """Exact squared L2 between each query's features [n, d] and its candidate rows [n, c].
 
-        Integers: int64, from FAISS's float32 SIMD sums (exact below 2²⁴), recomputed in
-        integers at or above it. With `top`, such sums are recomputed only for queries with
-        fewer than `top` candidates below 2²⁴: for the others they cannot be among the `top`
-        smallest, and stay their float32 sum (which, like the true distance, is ≥ 2²⁴).
-        Floats: float32 features by FAISS's float32 sums, float64 ones in float64.
+        Integers: int64, from float32 sums of squared differences (exact below 2²⁴: FAISS's
+        SIMD kernel, or `sums` an index computed that way), recomputed in integers at or above
+        it. With `top`, such sums are recomputed only for queries with fewer than `top`
+        candidates below 2²⁴: for the others they cannot be among the `top` smallest, and stay
+        their float32 sum (which, like the true distance, is ≥ 2²⁴).
+        Floats: float32 features by FAISS's float32 sums (or `sums`), float64 ones in float64.
         """
+        if sums is not None:
+            sums = np.where(rows >= 0, sums.astype(np.float64), np.inf)
         if not self.integer:
-            if self.features.dtype == np.float32:
+            if sums is not None:
+                return sums
+            if self.dtype == np.float32:
                 return _float32_distances(self.features, features, rows)
             return _float64_distances(self.features, features, rows)
-        sums = _float32_distances(self.float32, features, rows)
+        if sums is None:
+            sums = _float32_distances(self.float32, features, rows)
         result = np.where(rows >= 0, sums, 0).astype(np.int64)
         result[rows < 0] = MISSING
         inexact = (sums >= FLOAT32_EXACT_LIMIT) & (rows >= 0)
@@ -185,18 +215,29 @@ def pixel_queries(queries: np.ndarray) -> np.ndarray:
 def image_space(key: str, pipeline: tuple[str, ...], transforms: list[faiss.VectorTransform],
                 train_pixels: np.ndarray, owner: object = None) -> RankingSpace:
     """A space over MNIST images: the pixels, or the pipeline's features after the index's
-    own transforms (which `owner`, the index holding them, keeps alive)."""
+    own transforms (which `owner`, the index holding them, keeps alive). Features other than
+    the pixels are made on first use, a block of rows at a time."""
     def features_of(pixels: np.ndarray) -> np.ndarray:
-        if not pipeline and not transforms:
-            return pixels
         features = apply_pipeline(pipeline, pixels)
         for transform in transforms:
             features = transform.apply(features)
         return features
 
     steps = [*pipeline, *map(describe_transform, transforms)]
-    return RankingSpace(key, steps, features_of(train_pixels),
-                        lambda queries: features_of(pixel_queries(queries)), owner)
+    if not pipeline and not transforms:
+        return RankingSpace(key, steps, train_pixels, pixel_queries, owner)
+    dimension = transforms[-1].d_out if transforms else train_pixels.shape[1]
+
+    def training_features() -> np.ndarray:
+        out = np.empty((len(train_pixels), dimension), np.float32)
+        for start in range(0, len(train_pixels), FEATURE_BLOCK):
+            out[start:start + FEATURE_BLOCK] = features_of(
+                train_pixels[start:start + FEATURE_BLOCK])
+        return out
+
+    return RankingSpace(key, steps, training_features,
+                        lambda queries: features_of(pixel_queries(queries)), owner,
+                        (len(train_pixels), dimension), np.float32)
 
 
 def vector_space(train: np.ndarray) -> RankingSpace:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_ann.data.mnist import FINGERPRINT, Dataset, Split, load_mnist
-from mnist_ann.data.tables import Table, arrow_to_table, write_parquet
+from mnist_ann.data.tables import Table, arrow_to_table, read_arrow, write_parquet
 from mnist_ann.errors import DataError, IntegrityError, InvalidArgument, MnistAnnError
 from mnist_ann.fileio import (
     atomic_path,
@@ -186,16 +186,9 @@ class Collection:
         """A recorded table, verified and parsed once (later calls share it)."""
         with self._lock:
             if filename not in self._tables:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-
-                data = self.read_verified(filename)
-                try:
-                    arrow = pq.read_table(pa.BufferReader(data))
-                except (OSError, pa.ArrowException) as exc:
-                    raise DataError(f"{self.root / filename}: not a readable Parquet file "
-                                    f"({exc})") from exc
-                self._tables[filename] = arrow_to_table(arrow, str(self.root / filename))
+                what = str(self.root / filename)
+                arrow = read_arrow(self.read_verified(filename), what)
+                self._tables[filename] = arrow_to_table(arrow, what)
             return self._tables[filename]
 
     def train(self) -> Table:
@@ -221,7 +214,7 @@ class Collection:
                                                           entry["sha256"]))
 
     def _read_index(self, path: Path, sha256: str) -> object:
-        """Hash the open file, then let FAISS parse it from the same file descriptor.
+        """Hash the open file, then let FAISS read it through the same open file.
 
         A file swapped in by rename after the check cannot reach FAISS (the descriptor keeps
         the checked file), and one overwritten in place during the read is caught by its
@@ -238,13 +231,16 @@ class Collection:
             if sha256_handle(handle) != sha256:
                 raise self._damaged(path, "fails its checksum (changed since it was built)")
             handle.seek(0)
-            reader = faiss.PyCallbackIOReader(handle.read, READ_BLOCK)
+            same_file = Path(f"/proc/self/fd/{handle.fileno()}")
             try:
-                index = faiss.read_index(reader)
+                if same_file.exists():  # FAISS's own buffered reader, on the checked file
+                    index = faiss.read_index(str(same_file))
+                else:
+                    reader = faiss.PyCallbackIOReader(handle.read, READ_BLOCK)
+                    index = faiss.read_index(reader)
+                    del reader
             except RuntimeError as exc:  # not expected after the checksum: a FAISS mismatch
                 raise self._damaged(path, f"cannot be read by this FAISS ({exc})") from exc
-            finally:
-                del reader
             after = os.fstat(handle.fileno())
         if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
                 after.st_size, after.st_mtime_ns, after.st_ctime_ns):
@@ -374,9 +370,6 @@ def upgrade_collection(store: Path, name: str, log: Log) -> bool:
     read back and compared; only then is the manifest replaced. Returns False when the
     collection already has the current schema.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     root = Path(store) / validate_name(name)
     path = root / MANIFEST
     try:
@@ -394,10 +387,10 @@ def upgrade_collection(store: Path, name: str, log: Log) -> bool:
     ensure_writable(root)
     renamed = {}
     for filename in (TRAIN_FILE, TEST_FILE):
-        rows = arrow_to_table(pq.read_table(pa.BufferReader(old.read_verified(filename))),
-                              str(root / filename))
+        what = str(root / filename)
+        rows = arrow_to_table(read_arrow(old.read_verified(filename), what), what)
         write_table(root / filename, rows)
-        again = arrow_to_table(pq.read_table(root / filename), str(root / filename))
+        again = arrow_to_table(read_arrow(root / filename, what), what)
         same_labels = (rows.labels is None and again.labels is None) or (
             rows.labels is not None and again.labels is not None
             and np.array_equal(rows.labels, again.labels))
