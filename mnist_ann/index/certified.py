@@ -383,10 +383,19 @@ class CertifiedSearcher(FaissSearcher):
         self.extra_parameters = {
             COMPONENTS: (int, dimension, "the index's PCA dimension"),
             CANDIDATES: (int, self.ntotal, "the training size")}
-        # the lists are made here, when the index is loaded, not on a first search
+        # the lists, and what a batch search at the default setting uses, are made here,
+        # when the index is loaded, not on a first search (small batches' single list, and
+        # other settings, on first use)
         self.layouts = {True: Lists.by_kmeans(self.bounds.projected,
                                               min(SPAN_AXES, dimension)),
                         False: Lists(self.bounds.projected, [np.arange(self.ntotal)])}
+        components = self.parameters()[COMPONENTS]
+        split = self.layouts[True]
+        split.indexes(0, components, extra=True)
+        split.indexes(0, spans_of(components)[0][1], extra=False)
+        for start, stop in spans_of(components)[1:]:
+            split.vectors(start, stop)
+        _ = space.float32  # the verification's sums
 
     def _complete(self, checked: dict) -> dict:
         return {COMPONENTS: self.bounds.dimension, CANDIDATES: EXACT_PCA_CANDIDATES,

@@ -140,6 +140,8 @@ class RerankSearcher(FaissSearcher):
                  owner: faiss.Index | None = None) -> None:
         super().__init__(index, space, defaults, name, owner)
         self.direct = returns_direct_distances(index)
+        if space.integer and not self.direct:
+            _ = space.float32  # the re-rank's sums need it: made on load, not first search
 
     def _search(self, features: np.ndarray, k: int, checked: dict,
                 faiss_params: faiss.SearchParameters | None) -> Neighbours:
@@ -159,6 +161,7 @@ class ExhaustiveSearcher(FaissSearcher):
                  owner: faiss.Index | None = None) -> None:
         super().__init__(index, space, defaults, name, owner)
         _ = space.max_squared_norm  # the margins need it: computed on load, not first search
+        _ = space.float32 if space.integer else None  # so do the re-rank's sums
 
     def _search(self, features: np.ndarray, k: int, checked: dict,
                 faiss_params: faiss.SearchParameters | None) -> Neighbours:
