@@ -63,6 +63,14 @@ class Collection(stored.Collection):
                 self.load_seconds[name] = time.perf_counter() - started
             return self._searchers[name]
 
+    def defaults_changed(self, name: str) -> None:
+        """Index `name`'s search defaults were changed in the manifest (by tune): searches
+        made from now on use them."""
+        with self._assembly:
+            if name in self._searchers:
+                self._searchers[name] = self._searchers[name].with_defaults(
+                    self.indexes[name]["search_defaults"])
+
     def space(self, key: str, recipe: Recipe, index: object) -> RankingSpace:
         """The ranking space `key`, made from the first index that ranks in it."""
         with self._assembly:

@@ -102,6 +102,7 @@ def test_tuned_setting_meets_its_target_on_the_held_out_rows(writable: Collectio
     result = tune_index(built, "pca-hnsw", target, held_out=400, seed=5, repeats=1)
     chosen = result["chosen"]
     assert chosen["meets_target"]
+    assert built.classifier("pca-hnsw").effective_params == chosen["params"]  # used at once
     assert all(row["queries_per_second"] <= chosen["queries_per_second"]
                for row in result["measured"] if row["meets_target"])
     # recomputed here, from scratch: leave-one-out brute force on the same held-out rows

@@ -121,6 +121,7 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
         "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     collection.save()
+    collection.defaults_changed(name)
     log(f"{name}: {format_params(chosen['params'])} is the fastest setting meeting "
         f"{target.describe()}; recorded as its search default")
     return {"index": name, "target": target.describe(), "chosen": chosen,

@@ -16,6 +16,7 @@ parameters go to FAISS per call (params.py), never set on the shared index.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import ClassVar, Protocol
 
@@ -101,6 +102,12 @@ class FaissSearcher:
 
     def _complete(self, checked: dict) -> dict:
         return checked
+
+    def with_defaults(self, defaults: Mapping) -> FaissSearcher:
+        """The same searcher (index, space, structures shared) with other default settings."""
+        other = copy.copy(self)
+        other.defaults, other._prepared = dict(defaults), {}
+        return other
 
     def parameters(self, overrides: Mapping | None = None) -> dict:
         """The default search parameters with `overrides` applied, checked against the
