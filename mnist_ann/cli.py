@@ -6,8 +6,10 @@ that `mnist-ann --help` does not pay for FAISS, pyarrow or scikit-learn.
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -24,22 +26,51 @@ from mnist_ann.index.recipes import BUILTIN, DEFAULT_RECIPES, resolve_recipe
 from mnist_ann.runtime import no_progress
 
 
-def library_errors(command: Callable) -> Callable:
-    """Turn the library's typed errors into one-line click errors (2 for usage, 1 otherwise)."""
+def one_line(exc: BaseException) -> str:
+    """What went wrong, on one line, with what to do about it."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        code = exc.errno
+        if code is None:  # pyarrow's I/O errors carry it in their text
+            found = re.search(r"\[errno (\d+)\]", str(exc))
+            code = int(found.group(1)) if found else None
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return (f"{where}{exc.strerror or os.strerror(code)} (the disk is full, or a "
+                    "file-size limit was reached); nothing was changed: free some space and "
+                    "run it again")
+        return f"{where}{exc.strerror or exc}"
+    if isinstance(exc, MemoryError):
+        return ("out of memory; nothing was changed: use fewer queries at once, a smaller "
+                "index, or a machine with more memory")
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, RuntimeError):  # FAISS's C++ errors come through as RuntimeError
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else text
+        return f"FAISS refused: {last}; check the index and its parameters"
+    return (f"unexpected {type(exc).__name__}: {text}; run it again with `mnist-ann --debug "
+            "...` for the traceback, and please report it")
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+
+class Commands(click.Group):
+    """The command group: every error a command raises ends as one line on stderr (exit 2
+    for a usage error, 1 for the rest), or, with --debug, as the full traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return command(*args, **kwargs)
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except InvalidArgument as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
             raise click.UsageError(str(exc)) from exc
         except MnistAnnError as exc:
-            raise click.ClickException(str(exc)) from exc
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
-
-    return wrapper
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(" ".join(str(exc).split())) from exc
+        except Exception as exc:  # a user's input should never end in a traceback
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(one_line(exc)) from exc
 
 
 def stderr_log(quiet: bool) -> Callable[[str], None]:
@@ -101,10 +132,13 @@ def open_collection(store: Path | None, name: str):  # -> api.Collection
     return Store(store)[name]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mnist-ann")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """k-nearest-neighbour digit recognition on exact and approximate FAISS indexes."""
+    ctx.obj = {"debug": debug}
 
 
 @main.command()
@@ -112,7 +146,6 @@ def main() -> None:
 @click.option("--refresh", is_flag=True, help="Read the source even if the cache has the data.")
 @quiet_option
 @json_option
-@library_errors
 def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
     """Fetch canonical MNIST-70k, check its fingerprint and cache it."""
     dataset = load_mnist(source, refresh=refresh, log=stderr_log(quiet))
@@ -139,14 +172,14 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
 @store_option
 @quiet_option
 @json_option
-@library_errors
 def build(split_kind: str | None, test_size: float | None, random_state: int | None,
           collection_name: str | None, index_specs: tuple[str, ...], force: bool,
           threads: int | None, source: str, store: Path | None, quiet: bool,
           as_json: bool) -> None:
     """Write a split of MNIST as a collection and build its FAISS indexes."""
     from mnist_ann.index.build import build_indexes
-    from mnist_ann.store.collection import ensure_collection, resolve_store
+    from mnist_ann.store.collection import resolve_store
+    from mnist_ann.store.manage import ensure_collection
 
     log = stderr_log(quiet)
     split_given = (split_kind, test_size, random_state) != (None, None, None)
@@ -174,10 +207,10 @@ def build(split_kind: str | None, test_size: float | None, random_state: int | N
 @click.argument("name")
 @store_option
 @quiet_option
-@library_errors
 def upgrade(name: str, store: Path | None, quiet: bool) -> None:
     """Rewrite an older collection's tables in the current schema, keeping its indexes."""
-    from mnist_ann.store.collection import resolve_store, upgrade_collection
+    from mnist_ann.store.collection import resolve_store
+    from mnist_ann.store.manage import upgrade_collection
 
     upgraded = upgrade_collection(resolve_store(store), name, stderr_log(quiet))
     click.echo(f"{name}: {'upgraded to' if upgraded else 'already has'} the current schema")
@@ -243,7 +276,6 @@ param_option = click.option("--param", "params", multiple=True, callback=parse_p
 @store_option
 @quiet_option
 @json_option
-@library_errors
 def query(collection_name: str, index_name: str, k: int, params: dict, weights: str,
           input_path: Path | None, labels_path: Path | None, output_path: Path | None,
           confusion_path: Path | None, threads: int | None, store: Path | None, quiet: bool,
@@ -321,7 +353,6 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
 @store_option
 @quiet_option
 @json_option
-@library_errors
 def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path, full: bool,
            sample: int | None, repeats: int, latency_queries: int, baseline: bool, peers: bool,
            threads: int | None, store: Path | None, quiet: bool, as_json: bool) -> None:
@@ -368,7 +399,6 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
 @store_option
 @quiet_option
 @json_option
-@library_errors
 def tune(collection_name: str, index_name: str, recall_target: float | None,
          accuracy_within: float | None, k: int, held_out: int, seed: int, repeats: int,
          threads: int, store: Path | None, quiet: bool, as_json: bool) -> None:
@@ -400,7 +430,6 @@ def tune(collection_name: str, index_name: str, recall_target: float | None,
 @click.argument("names", nargs=-1)
 @store_option
 @json_option
-@library_errors
 def info(names: tuple[str, ...], store: Path | None, as_json: bool) -> None:
     """List the collections in the store with their split, rows, files and indexes."""
     from mnist_ann.store.collection import Collection, list_collections, resolve_store
@@ -418,13 +447,76 @@ def info(names: tuple[str, ...], store: Path | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("names", nargs=-1)
+@store_option
+@json_option
+def verify(names: tuple[str, ...], store: Path | None, as_json: bool) -> None:
+    """Check every file of the collections against their manifests and build records."""
+    from mnist_ann.store.collection import MANIFEST, Collection, resolve_store, validate_name
+
+    store_path = resolve_store(store)
+    if not names and store_path.is_dir():
+        names = tuple(child.name for child in sorted(store_path.iterdir())
+                      if (child / MANIFEST).is_file())
+    if not names:
+        raise click.ClickException(f"no collections in {store_path}; create one with "
+                                   "`mnist-ann build`")
+    for name in names:
+        validate_name(name)
+    report = []
+    for name in names:
+        try:
+            collection = Collection.open(store_path, name)
+        except MnistAnnError as exc:  # the manifest itself is unusable
+            report.append({"collection": name, "files": 0, "problems": [
+                {"file": MANIFEST, "problem": " ".join(str(exc).split()), "remedy": None}]})
+            continue
+        report.append({"collection": name, "files": len(collection.manifest["files"]),
+                       "problems": collection.problems()})
+    if as_json:
+        emit(report, True)
+    else:
+        for item in report:
+            click.echo(f"{item['collection']}: {item['files']} files, "
+                       f"{len(item['problems']) or 'no'} problem"
+                       f"{'' if len(item['problems']) == 1 else 's'}")
+            for problem in item["problems"]:
+                remedy = f"; {problem['remedy']}" if problem["remedy"] else ""
+                click.echo(f"  {problem['file']}: {problem['problem']}{remedy}")
+    bad = [p["file"] for item in report for p in item["problems"]]
+    if bad:
+        raise click.ClickException(f"{len(bad)} file{' fails' if len(bad) == 1 else 's fail'} "
+                                   f"verification: {', '.join(bad)}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--index", "index_name", default=None,
+              help="Drop only this index (its file and build record) [default: the whole "
+                   "collection].")
+@store_option
+@quiet_option
+def drop(name: str, index_name: str | None, store: Path | None, quiet: bool) -> None:
+    """Remove a collection, or one of its indexes, and its files."""
+    from mnist_ann.store.collection import Collection, resolve_store
+    from mnist_ann.store.manage import drop_collection, drop_index
+
+    store_path = resolve_store(store)
+    if index_name is None:
+        root = drop_collection(store_path, name, stderr_log(quiet))
+        click.echo(f"dropped collection {name!r} ({root})")
+        return
+    removed = drop_index(Collection.open(store_path, name), index_name, stderr_log(quiet))
+    click.echo(f"dropped index {index_name!r} of {name!r} ({', '.join(removed)})")
+
+
+@main.command()
 @click.argument("ids", nargs=-1, required=True, type=click.IntRange(0, 69_999))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="PNG file to write.")
 @click.option("--columns", type=click.IntRange(1, 50), default=10, show_default=True)
 @source_option
 @quiet_option
-@library_errors
 def show(ids: tuple[int, ...], out: Path, columns: int, source: str, quiet: bool) -> None:
     """Save a grid of MNIST-70k rows IDS with their labels as a PNG."""
     from mnist_ann.render.plots import digit_grid

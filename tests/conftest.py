@@ -21,7 +21,7 @@ from mnist_ann.api import Collection
 from mnist_ann.data.mnist import Dataset, Split, load_mnist, write_cache
 from mnist_ann.index.build import build_indexes
 from mnist_ann.index.recipes import DEFAULT_RECIPES, resolve_recipe
-from mnist_ann.store.collection import create_collection
+from mnist_ann.store.manage import create_collection
 
 
 @pytest.fixture(scope="session")

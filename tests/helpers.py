@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import os
 import pickle
+import resource
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -112,7 +116,7 @@ def make_collection(store: Path, name: str, images: np.ndarray, labels: np.ndarr
     """A collection over synthetic data, split like the seed split."""
     from mnist_ann.api import Collection
     from mnist_ann.data.mnist import Dataset, Split
-    from mnist_ann.store.collection import create_collection
+    from mnist_ann.store.manage import create_collection
 
     create_collection(store, name, Dataset(images, labels, "synthetic"),
                       Split.make("seed", test_size, 0), lambda message: None)
@@ -125,3 +129,39 @@ def pair_distances(train: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> n
     distances = (diffs * diffs).sum(-1).astype(np.float64)
     distances[ids < 0] = np.inf
     return distances
+
+
+# runs the CLI, then prints the process's peak resident memory on stderr, whatever the exit
+# (VmHWM, this process's own: getrusage's ru_maxrss survives exec and can be the parent's)
+MEASURED = ("import re, runpy, sys\n"
+            "sys.argv[0] = 'mnist-ann'\n"
+            "try:\n    runpy.run_module('mnist_ann', run_name='__main__')\n"
+            "finally:\n    status = open('/proc/self/status').read()\n"
+            "    print('peak-rss-kb', re.search(r'VmHWM:\\s+(\\d+)', status)[1], "
+            "file=sys.stderr)")
+
+
+def cli(store: Path, *args: str, env: dict | None = None, limit: int | None = None,
+        measure: bool = False, **popen) -> subprocess.Popen:
+    """The real command in a process of its own (optionally under a file-size limit, or
+    reporting its peak memory as `peak-rss-kb N` on stderr)."""
+    def file_size_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    start = ["-c", MEASURED] if measure else ["-m", "mnist_ann"]
+    return subprocess.Popen([sys.executable, *start, *map(str, args), "--store", str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+                                 **(env or {})},
+                            preexec_fn=file_size_limit if limit else None, **popen)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]

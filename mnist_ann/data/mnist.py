@@ -11,9 +11,11 @@ import os
 import pickle
 import struct
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -40,6 +42,8 @@ IDX_FILES = {
 }
 IDX_IMAGE_MAGIC = 2051
 IDX_LABEL_MAGIC = 2049
+# the most images (or labels) one input file may hold: 2 million images are 1.6 GB
+MAX_IMAGES = 2_000_000
 
 class SourceUnavailable(MnistAnnError):
     """A source could not be reached (no network, pip failed); `auto` tries the next one."""
@@ -118,39 +122,65 @@ def as_pixels(images: np.ndarray, what: str) -> np.ndarray:
 
 # --- IDX files -------------------------------------------------------------------------------
 
-def parse_idx(data: bytes, magic: int, what: str) -> np.ndarray:
-    """Parse one IDX file (uint8 payload) after checking its magic number and length."""
-    if len(data) < 8:
-        raise DataError(f"{what}: too short to be an IDX file ({len(data)} bytes)")
-    found_magic, count = struct.unpack(">II", data[:8])
+def read_idx(stream: BinaryIO, magic: int, what: str,
+             max_count: int = MAX_IMAGES) -> np.ndarray:
+    """Parse one IDX file (uint8 payload) from a stream: the header is checked first, then
+    exactly as many bytes as it promises are read (one more, to refuse trailing data), so a
+    file claiming more than `max_count` items, or a gzip stream far longer than its header
+    says, is refused without being read."""
+    head = stream.read(8)
+    if len(head) < 8:
+        raise DataError(f"{what}: too short to be an IDX file ({len(head)} bytes)")
+    found_magic, count = struct.unpack(">II", head)
     if found_magic != magic:
         raise DataError(f"{what}: magic number {found_magic}, expected {magic}; not an MNIST "
                         "IDX file of that kind")
+    header, shape = 8, (count,)
     if magic == IDX_IMAGE_MAGIC:
-        if len(data) < 16:
+        dims = stream.read(8)
+        if len(dims) < 8:
             raise DataError(f"{what}: header truncated")
-        rows, cols = struct.unpack(">II", data[8:16])
+        rows, cols = struct.unpack(">II", dims)
         if (rows, cols) != (28, 28):
             raise DataError(f"{what}: images are {rows}x{cols}, expected 28x28")
         header, shape = 16, (count, N_PIXELS)
-    else:
-        header, shape = 8, (count,)
-    expected = header + int(np.prod(shape))
-    if len(data) != expected:
-        raise DataError(f"{what}: {len(data)} bytes where the header promises {expected}; "
-                        "the file is truncated or corrupted")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+    if count > max_count:
+        raise DataError(f"{what}: the header claims {count:,} items, more than the "
+                        f"{max_count:,} mnist-ann reads at once; split the file")
+    payload = int(np.prod(shape))
+    data = _read_at_most(stream, payload + 1)
+    if len(data) != payload:
+        state = "truncated" if len(data) < payload else "longer than its header says"
+        raise DataError(f"{what}: {header + len(data):,}{'+' if len(data) > payload else ''} "
+                        f"bytes where the header promises {header + payload:,}; the file is "
+                        f"{state} or corrupted")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
 
 
-def read_idx_file(path: Path, magic: int) -> np.ndarray:
-    """Read a plain or gzipped IDX file."""
+def _read_at_most(stream: BinaryIO, size: int, chunk: int = 1 << 24) -> bytes:
+    """Up to `size` bytes, read in chunks: memory follows the data there is, not the claim."""
+    chunks = []
+    while size > 0 and (data := stream.read(min(size, chunk))):
+        chunks.append(data)
+        size -= len(data)
+    return b"".join(chunks)
+
+
+def parse_idx(data: bytes, magic: int, what: str) -> np.ndarray:
+    """Parse one IDX file held in memory."""
+    return read_idx(io.BytesIO(data), magic, what)
+
+
+def read_idx_file(path: Path, magic: int, max_count: int = MAX_IMAGES) -> np.ndarray:
+    """Read a plain or gzipped IDX file (gzip by content, not by name)."""
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        with open(path, "rb") as handle:
+            compressed = handle.read(2) == b"\x1f\x8b"
+            handle.seek(0)
+            stream = gzip.GzipFile(fileobj=handle) if compressed else handle
+            return read_idx(stream, magic, str(path), max_count)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from exc
-    return parse_idx(raw, magic, str(path))
 
 
 def find_idx_file(folder: Path, stem: str) -> Path:

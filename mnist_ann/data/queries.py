@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_ann.data.images import load_pixels, open_image
 from mnist_ann.data.mnist import (
     IDX_IMAGE_MAGIC,
     IDX_LABEL_MAGIC,
+    MAX_IMAGES,
     N_PIXELS,
     as_pixels,
     read_idx_file,
@@ -37,22 +39,52 @@ class Queries:
 
 
 def read_png_folder(folder: Path) -> Queries:
-    from PIL import Image
-
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
     if not files:
         raise DataError(f"{folder}: no .png images in the folder")
+    if len(files) > MAX_IMAGES:
+        raise DataError(f"{folder}: {len(files):,} images, more than the {MAX_IMAGES:,} "
+                        "mnist-ann reads at once; split the folder")
     images = []
     for path in files:
-        try:
-            with Image.open(path) as image:
-                if image.mode != "L" or image.size != (28, 28):
-                    raise DataError(f"{path.name}: {image.size[0]}x{image.size[1]} mode "
-                                    f"{image.mode}; expected a 28x28 8-bit grayscale PNG")
-                images.append(np.asarray(image, dtype=np.uint8).reshape(N_PIXELS))
-        except OSError as exc:
-            raise DataError(f"{path}: not a readable PNG ({exc})") from exc
+        with open_image(path, ("PNG",), str(path)) as image:
+            if image.mode != "L" or image.size != (28, 28):
+                raise DataError(f"{path.name}: {image.size[0]}x{image.size[1]} mode "
+                                f"{image.mode}; expected a 28x28 8-bit grayscale PNG")
+            load_pixels(image, str(path))
+            images.append(np.asarray(image, dtype=np.uint8).reshape(N_PIXELS))
     return Queries(np.array([p.name for p in files]), None, np.stack(images), str(folder))
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """An .npy array of images, its header checked against the file before any allocation:
+    the shape must be images, the dtype numbers, and the data as long as the header says."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = header(handle)
+            offset = handle.tell()
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({exc})") from exc
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DataError(f"{path}: the array holds {dtype}, not numbers; expected whole numbers "
+                        "0..255")
+    if not ((len(shape) == 2 and shape[1:] == (N_PIXELS,))
+            or (len(shape) == 3 and shape[1:] == (28, 28))):
+        raise DataError(f"{path}: images have shape {list(shape)}; expected [n, {N_PIXELS}] "
+                        "or [n, 28, 28]")
+    if shape[0] > MAX_IMAGES:
+        raise DataError(f"{path}: {shape[0]:,} images, more than the {MAX_IMAGES:,} mnist-ann "
+                        "reads at once; split the file")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = path.stat().st_size - offset
+    if actual != expected:
+        raise DataError(f"{path}: its header promises {expected:,} bytes of data, the file "
+                        f"holds {actual:,}; it is truncated or not what it claims")
+    array = np.fromfile(path, dtype=dtype, count=int(np.prod(shape)), offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def read_queries(source: Path, labels_path: Path | None = None) -> Queries:
@@ -64,13 +96,9 @@ def read_queries(source: Path, labels_path: Path | None = None) -> Queries:
     if not source.is_file():
         raise DataError(f"{source}: no such file or folder")
     if source.suffix == ".parquet":
-        return Queries.from_table(read_parquet(source), str(source))
+        return Queries.from_table(read_parquet(source, MAX_IMAGES), str(source))
     if source.suffix == ".npy":
-        try:
-            array = np.load(source, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{source}: not a readable .npy array ({exc})") from exc
-        pixels = as_pixels(array, str(source))
+        pixels = as_pixels(read_npy(source), str(source))
         return Queries(np.arange(len(pixels)), None, pixels, str(source))
     pixels = as_pixels(read_idx_file(source, IDX_IMAGE_MAGIC), str(source))
     labels = None

@@ -26,6 +26,8 @@ TABLE_SCHEMA = pa.schema([
     pa.field("pixels", PIXELS_TYPE, nullable=False),
 ])
 COMPRESSION = "zstd"
+# a row of pixels as 784 eight-byte integers, with its id and label: the most a row may take
+MAX_ROW_BYTES = N_PIXELS * 8 + 64
 
 
 @dataclass(frozen=True)
@@ -123,18 +125,29 @@ def arrow_to_table(arrow: pa.Table, what: str) -> Table:
     return Table(ids, labels, pixels)
 
 
-def read_arrow(source: Path | bytes, what: str) -> pa.Table:
+def read_arrow(source: Path | bytes, what: str, max_rows: int | None = None) -> pa.Table:
     """A Parquet file (a path, or its bytes) as an Arrow table.
 
+    With `max_rows`, the file's metadata is checked first: more rows, or more data once
+    decompressed than that many images can hold, is refused before anything is read.
     Through ParquetFile, not pq.read_table, which imports pandas (half a second) when it is
     installed, to look for pandas metadata that these tables do not have.
     """
     try:
         handle = pa.BufferReader(source) if isinstance(source, bytes) else source
-        return pq.ParquetFile(handle).read()
+        parquet = pq.ParquetFile(handle)
+        if max_rows is not None:
+            rows = parquet.metadata.num_rows
+            size = sum(parquet.metadata.row_group(i).total_byte_size
+                       for i in range(parquet.metadata.num_row_groups))
+            if rows > max_rows or size > max_rows * MAX_ROW_BYTES:
+                raise DataError(f"{what}: {rows:,} rows, {size:,} bytes decompressed: more "
+                                f"than the {max_rows:,} images mnist-ann reads at once; split "
+                                "the file")
+        return parquet.read()
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{what}: not a readable Parquet file ({exc})") from exc
 
 
-def read_parquet(path: Path) -> Table:
-    return arrow_to_table(read_arrow(path, str(path)), str(path))
+def read_parquet(path: Path, max_rows: int | None = None) -> Table:
+    return arrow_to_table(read_arrow(path, str(path), max_rows), str(path))

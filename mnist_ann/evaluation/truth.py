@@ -57,8 +57,9 @@ def ground_truth(collection: Collection, index_name: str, k: int, threads: int |
         truth = exact.search(collection.test().pixels, k)
     import pyarrow.parquet as pq
 
-    with atomic_path(collection.root / filename) as tmp:
-        pq.write_table(_to_arrow(truth), tmp)
-    collection.record_file(filename)
-    collection.save()
+    with collection.writing(log) as change:
+        if filename not in change.manifest["files"]:  # else another command cached it first
+            with atomic_path(collection.root / filename) as tmp:
+                pq.write_table(_to_arrow(truth), tmp)
+            collection.record(change.manifest, filename)
     return Neighbours(truth.rows, truth.distances)

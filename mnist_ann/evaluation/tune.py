@@ -109,18 +109,23 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
                             f"{best['recall']:.4f}, accuracy {best['accuracy']:.4f}); the "
                             "manifest is unchanged")
     chosen = max(meeting, key=lambda r: r["queries_per_second"])
-    entry = collection.indexes[name]
-    entry.setdefault("recipe_search_defaults", dict(entry["search_defaults"]))
-    entry["search_defaults"] = chosen["params"]
-    entry["tuned"] = {
-        "target": {"kind": target.kind, "value": target.value}, "k": k,
-        "held_out": {"rows": held_out, "seed": seed, "from": "train"},
-        "threads": threads, "repeats": repeats, "params": chosen["params"],
-        "recall": chosen["recall"], "accuracy": chosen["accuracy"],
-        "exact_accuracy": exact_accuracy, "queries_per_second": chosen["queries_per_second"],
-        "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    collection.save()
+    tuned_sha = collection.indexes[name]["sha256"]
+    with collection.writing(log) as change:
+        entry = change.manifest["indexes"].get(name)
+        if entry is None or entry["sha256"] != tuned_sha:
+            raise MnistAnnError(f"index {name!r} was rebuilt or dropped by another command "
+                                "while it was being tuned; the manifest is unchanged: run "
+                                "tune again")
+        entry.setdefault("recipe_search_defaults", dict(entry["search_defaults"]))
+        entry["search_defaults"] = chosen["params"]
+        entry["tuned"] = {
+            "target": {"kind": target.kind, "value": target.value}, "k": k,
+            "held_out": {"rows": held_out, "seed": seed, "from": "train"},
+            "threads": threads, "repeats": repeats, "params": chosen["params"],
+            "recall": chosen["recall"], "accuracy": chosen["accuracy"],
+            "exact_accuracy": exact_accuracy, "queries_per_second": chosen["queries_per_second"],
+            "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
     collection.defaults_changed(name)
     log(f"{name}: {format_params(chosen['params'])} is the fastest setting meeting "
         f"{target.describe()}; recorded as its search default")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -71,10 +72,10 @@ def build_in_memory(recipe: Recipe, vectors: np.ndarray, threads: int | None = N
     return index
 
 
-def check_clashes(collection: Collection, recipes: list[Recipe], force: bool) -> None:
+def check_clashes(manifest: dict, recipes: list[Recipe], force: bool) -> None:
     """Refuse, before anything is built, to replace an index built from another recipe."""
     for recipe in recipes:
-        entry = collection.indexes.get(recipe.name)
+        entry = manifest["indexes"].get(recipe.name)
         if entry is not None and not force and _spec(entry) != _spec(recipe.spec()):
             raise MnistAnnError(f"index {recipe.name!r} exists with factory {entry['factory']!r} "
                                 f"{entry['build_args']}; use --force to replace it, or another "
@@ -93,34 +94,34 @@ def is_current(collection: Collection, recipe: Recipe) -> bool:
             and (collection.root / entry["file"]).is_file())
 
 
-def write_index(collection: Collection, recipe: Recipe, index: faiss.Index, seconds: float,
-                threads: int) -> dict:
-    """Write an index file and its build record; return its manifest entry (not yet saved).
+def write_index(collection: Collection, manifest: dict, recipe: Recipe, data: memoryview,
+                seconds: float, ntotal: int, threads: int) -> dict:
+    """Write an index file (FAISS's serialized bytes) and its build record, record both in
+    `manifest`; return the index's manifest entry.
 
-    The index is serialized in memory and written with Python's I/O, so that a failed write
-    (a full disk) raises instead of leaving a short file that FAISS only warned about, and
-    each file is hashed once, from the bytes written.
+    The bytes are written with Python's I/O (not FAISS's writer, which only prints "close
+    error" when the last flush fails), made durable, and hashed once, from the bytes written.
     """
-    data = faiss.serialize_index(index)
-    filename, digest = write_named_by_content(collection.root, recipe.name, ".faiss",
-                                              memoryview(data))
-    collection.record_file(filename, {"sha256": digest, "bytes": len(data)})
+    filename, digest = write_named_by_content(collection.root, recipe.name, ".faiss", data)
+    collection.record(manifest, filename, {"sha256": digest, "bytes": len(data)})
     # the build record binds the recipe (pipeline included) to the index file's checksum, so
     # that a manifest edited after the build cannot send queries through another pipeline
     record = json.dumps({**recipe.spec(), "index_sha256": digest}, indent=2, sort_keys=True)
     record_bytes = (record + "\n").encode()
     record_file, record_digest = write_named_by_content(collection.root, recipe.name,
                                                         RECORD_SUFFIX, record_bytes)
-    collection.record_file(record_file, {"sha256": record_digest, "bytes": len(record_bytes)})
+    collection.record(manifest, record_file, {"sha256": record_digest,
+                                              "bytes": len(record_bytes)})
     return {
         **recipe.spec(),
         "file": filename,
         "record": record_file,
+        "builtin": recipe.builtin,
         "search_defaults": recipe.search_defaults,
         "search_grid": recipe.search_grid,
         "focus_grid": recipe.focus_grid or focused_grid(recipe.search_grid),
-        "train_sha256": collection.manifest["files"][TRAIN_FILE]["sha256"],
-        "ntotal": int(index.ntotal),
+        "train_sha256": manifest["files"][TRAIN_FILE]["sha256"],
+        "ntotal": ntotal,
         "build_seconds": round(seconds, 3),
         "bytes": len(data),
         "sha256": digest,
@@ -131,11 +132,14 @@ def write_index(collection: Collection, recipe: Recipe, index: faiss.Index, seco
     }
 
 
-def remove_unrecorded_indexes(collection: Collection) -> None:
-    """Delete index files the manifest does not name (left by a build killed mid-way)."""
+def sweep_leftovers(root: Path, manifest: dict) -> None:
+    """Delete what killed writers left: temporaries of processes that are gone, and index
+    files the manifest does not name. Only under the lock: a live writer writes and records
+    its files while it holds it."""
+    remove_stale_temporaries(root)
     for pattern in ("*.faiss", f"*{RECORD_SUFFIX}"):
-        for path in collection.root.glob(pattern):
-            if path.name not in collection.manifest["files"]:
+        for path in root.glob(pattern):
+            if path.name not in manifest["files"]:
                 path.unlink()
 
 
@@ -149,21 +153,24 @@ def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | 
                   progress: Progress = no_progress) -> list[BuildResult]:
     """Build each recipe into the collection; keep indexes that are already current.
 
-    Each index file is written under its content hash and the manifest is saved after it, so
-    an interrupted build leaves the previous indexes and manifest whole.
+    Each index is built without the collection's lock; its files are then written and
+    recorded under the lock, on the manifest as it is then (another command may have added
+    indexes meanwhile), and the manifest saved. An interrupted build leaves the previous
+    indexes and manifest whole.
     """
     names = [recipe.name for recipe in recipes]
     if len(set(names)) != len(names):
         raise InvalidArgument(f"index names repeat: {', '.join(names)}")
-    check_clashes(collection, recipes, force)
+    collection.refresh()
+    check_clashes(collection.manifest, recipes, force)
     for filename in (TRAIN_FILE, TEST_FILE):
         collection.verified(filename)
     n_train = collection.manifest["rows"]["train"]
     for recipe in recipes:
         check_trainable(recipe, n_train)
     ensure_writable(collection.root)
-    remove_stale_temporaries(collection.root)
-    remove_unrecorded_indexes(collection)
+    with collection.writing(log) as change:
+        sweep_leftovers(collection.root, change.manifest)
     vectors: dict[tuple[str, ...], np.ndarray] = {}
     results = []
     with faiss_threads(threads) as used:
@@ -182,16 +189,20 @@ def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | 
             started = time.perf_counter()
             index = make_index(recipe, vectors[recipe.pipeline].shape[1])
             train_and_add(index, vectors[recipe.pipeline], recipe.name, log, progress)
-            entry = write_index(collection, recipe, index, time.perf_counter() - started, used)
+            seconds, ntotal = time.perf_counter() - started, int(index.ntotal)
+            data = memoryview(faiss.serialize_index(index))
             del index
-            previous = collection.indexes.get(recipe.name)
-            collection.indexes[recipe.name] = entry
-            stale = [f for f in built_files(previous or {}) if f not in built_files(entry)]
-            for filename in stale:
-                collection.manifest["files"].pop(filename, None)
-            collection.save()
-            for filename in stale:
-                (collection.root / filename).unlink(missing_ok=True)
+            with collection.writing(log) as change:
+                manifest = change.manifest
+                check_clashes(manifest, [recipe], force)  # another command may have built it
+                entry = write_index(collection, manifest, recipe, data, seconds, ntotal, used)
+                previous = manifest["indexes"].get(recipe.name)
+                manifest["indexes"][recipe.name] = entry
+                stale = [f for f in built_files(previous or {}) if f not in built_files(entry)]
+                for filename in stale:
+                    manifest["files"].pop(filename, None)
+                change.obsolete += stale
+            del data
             log(f"{recipe.name}: {entry['ntotal']:,} vectors in {entry['build_seconds']:.1f} s, "
                 f"{entry['bytes'] / 1e6:.1f} MB")
             results.append(BuildResult(recipe.name, "built", entry))

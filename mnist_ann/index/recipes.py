@@ -246,6 +246,9 @@ def resolve_recipe(text: str, n_train: int, dimension: int = N_PIXELS) -> Recipe
     if text in BUILTIN:
         return BUILTIN[text](n_train, dimension)
     match = _CUSTOM.match(text)
+    if match is None and "=" in text:
+        raise InvalidArgument(f"index name {text.split('=')[0]!r} must be letters, digits, '_' "
+                              "or '-' (up to 64, starting with a letter or digit)")
     if match is None:
         raise InvalidArgument(f"unknown recipe {text!r}; known recipes: {', '.join(BUILTIN)}, "
                               "or NAME=FACTORY with any FAISS factory string "

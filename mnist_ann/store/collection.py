@@ -1,7 +1,9 @@
 """A collection folder: Parquet tables, index files, build records and the manifest.
 
 The store only loads and verifies: every file is checked against the manifest's sha256 before
-anything parses it, and an index is checked against its build record too.
+anything parses it, and an index is checked against its build record too. Writes go through
+`Collection.writing()`, under the collection's lock (lock.py), on the manifest as it is on
+disk at that moment.
 """
 
 from __future__ import annotations
@@ -11,25 +13,18 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import shlex
 import threading
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from mnist_ann.data.mnist import FINGERPRINT, Dataset, Split, load_mnist
+from mnist_ann.data.mnist import Split
 from mnist_ann.data.tables import Table, arrow_to_table, read_arrow, write_parquet
 from mnist_ann.errors import DataError, IntegrityError, InvalidArgument, MnistAnnError
-from mnist_ann.fileio import (
-    atomic_path,
-    remove_stale_temporaries,
-    sha256_file,
-    sha256_handle,
-    write_json,
-)
-from mnist_ann.runtime import Log
+from mnist_ann.fileio import atomic_path, checkpoint, sha256_file, sha256_handle, write_json
+from mnist_ann.runtime import Log, silent
+from mnist_ann.store.lock import locked
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -38,10 +33,11 @@ TEST_FILE = "test.parquet"
 STORE_ENV = "MNIST_ANN_STORE"
 DEFAULT_STORE = Path("indexes")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 # what identifies a built index; the build record beside the index file repeats these
 SPEC_FIELDS = ("recipe", "factory", "build_args", "pipeline", "rank_space", "certified")
 RECORD_SUFFIX = ".build.json"
-READ_BLOCK = 1 << 22
+MANIFEST_LIMIT = 16 << 20  # bytes: a manifest is a few kilobytes
 
 
 def resolve_store(store: str | Path | None = None) -> Path:
@@ -49,6 +45,19 @@ def resolve_store(store: str | Path | None = None) -> Path:
     if store:
         return Path(store)
     return Path(os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+
+def store_flag(store: Path) -> str:
+    """` --store PATH` when `store` is not the one commands use by default, for remedies."""
+    if store.resolve() == resolve_store().resolve():
+        return ""
+    return f" --store {shlex.quote(str(store))}"
+
+
+def index_option(name: str, entry: dict) -> str:
+    """The `--index` option that builds this manifest entry again."""
+    return (f"--index {entry.get('recipe', name)}" if entry.get("builtin", True)
+            else f"--index {name}={entry.get('factory')}")
 
 
 def validate_name(name: str, what: str = "collection") -> str:
@@ -79,6 +88,53 @@ def write_table(path: Path, table: Table) -> None:
         write_parquet(table, tmp)
 
 
+def damaged_manifest(path: Path, problem: str, error: type = DataError) -> MnistAnnError:
+    """The error for a manifest that cannot be used, with the remedy that works."""
+    return error(f"{path}: {problem}; restore it, or drop the collection with `mnist-ann drop "
+                 f"{path.parent.name}{store_flag(path.parent.parent)}` and build it again")
+
+
+def read_manifest(path: Path) -> dict:
+    """A collection's manifest, checked: JSON, the current schema, and every file it names a
+    plain name inside the collection."""
+    name = path.parent.name
+    try:
+        if path.stat().st_size > MANIFEST_LIMIT:
+            raise damaged_manifest(path, f"{path.stat().st_size:,} bytes is no manifest")
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise MnistAnnError(f"no collection {name!r} in store {path.parent.parent}; create "
+                            "it with `mnist-ann build`") from None
+    except (OSError, ValueError) as exc:
+        raise damaged_manifest(path, f"unreadable manifest ({exc})") from exc
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version == 1:
+        raise DataError(f"{path}: collection {name!r} has the older schema 1 (pixels as "
+                        f"lists, slow to read); upgrade it in place with `mnist-ann upgrade "
+                        f"{name}`")
+    if version != SCHEMA_VERSION:
+        raise damaged_manifest(path, f"schema version {version!r}, where this mnist-ann reads "
+                                     f"{SCHEMA_VERSION}")
+    check_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest(manifest: dict, path: Path) -> None:
+    """Refuse a manifest whose structure is off or that names a file outside its folder."""
+    files, indexes = manifest.get("files"), manifest.get("indexes", {})
+    if not isinstance(files, dict) or not isinstance(indexes, dict) or not all(
+            isinstance(record, dict) and isinstance(record.get("sha256"), str)
+            for record in files.values()) or not all(
+            isinstance(entry, dict) for entry in indexes.values()):
+        raise damaged_manifest(path, "the manifest's files or indexes are malformed")
+    named = list(files) + [entry.get(key) for entry in indexes.values()
+                           for key in ("file", "record") if key in entry]
+    for filename in named:
+        if not isinstance(filename, str) or not _FILE_PATTERN.match(filename):
+            raise damaged_manifest(path, f"the manifest names a file {filename!r} that is not "
+                                         "a plain file name in the collection", IntegrityError)
+
+
 @dataclass(frozen=True)
 class StoredIndex:
     """A FAISS index read from a collection, verified against its manifest entry and build
@@ -96,6 +152,15 @@ class StoredIndex:
         if self.entry.get("rank_space") == "index":
             return f"{key}-{self.entry['sha256'][:12]}"
         return key
+
+
+@dataclass
+class Change:
+    """A change of a collection in progress: the manifest as it was on disk when the lock was
+    taken, and files to delete once the changed manifest is saved."""
+
+    manifest: dict
+    obsolete: list[str] = field(default_factory=list)
 
 
 class Collection:
@@ -126,50 +191,85 @@ class Collection:
     @classmethod
     def open(cls, store: Path, name: str) -> Collection:
         root = Path(store) / validate_name(name)
-        path = root / MANIFEST
-        if not path.is_file():
+        if not (root / MANIFEST).is_file():
             known = ", ".join(c.name for c in list_collections(Path(store))) or "none yet"
             raise MnistAnnError(f"no collection {name!r} in store {store} (known: {known}); "
                                 "create it with `mnist-ann build`")
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable manifest ({exc})") from exc
-        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        if version == 1:
-            raise DataError(f"{path}: collection {name!r} has the older schema 1 (pixels as "
-                            f"lists, slow to read); upgrade it in place with `mnist-ann "
-                            f"upgrade {name}`")
-        if version != SCHEMA_VERSION:
-            raise DataError(f"{path}: schema version {version!r}, this mnist-ann reads "
-                            f"{SCHEMA_VERSION}; rebuild the collection")
-        return cls(root, manifest)
+        return cls(root, read_manifest(root / MANIFEST))
+
+    def refresh(self) -> None:
+        """Read the manifest again (another command may have changed the collection)."""
+        self.manifest = read_manifest(self.root / MANIFEST)
+
+    # --- writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writing(self, log: Log = silent) -> Iterator[Change]:
+        """Change the collection under its lock.
+
+        The block gets the manifest as it is on disk now (never a copy read minutes ago),
+        writes its files and changes the manifest; on leaving, the manifest is saved (the
+        last write), becomes this object's, and the files the change made obsolete are
+        deleted. If the block fails, nothing is saved.
+        """
+        with locked(self.root, log):
+            change = Change(read_manifest(self.root / MANIFEST))
+            yield change
+            checkpoint("saving")
+            write_json(self.root / MANIFEST, change.manifest)
+            self.manifest = change.manifest
+            referenced = set(change.manifest["files"])
+            for filename in change.obsolete:
+                if filename not in referenced:
+                    (self.root / filename).unlink(missing_ok=True)
+            checkpoint("saved")
+
+    def record(self, manifest: dict, filename: str, record: dict | None = None) -> dict:
+        """Record a written file (its sha256 and size) in `manifest`."""
+        record = record or file_record(self.root / filename)
+        manifest["files"][filename] = record
+        return record
 
     # --- verified reading ----------------------------------------------------------------
 
     def _record(self, filename: str) -> dict:
         record = self.manifest["files"].get(filename)
         if record is None:
-            raise IntegrityError(f"{self.root / filename} is not recorded in the manifest")
+            raise IntegrityError(f"{self.root / filename} is not recorded in the manifest; "
+                                 f"{self.remedy(filename)}")
         return record
 
     def _damaged(self, path: Path, problem: str) -> IntegrityError:
         return IntegrityError(f"{path} {problem}; {self.remedy(path.name)}")
 
+    def rebuild_command(self) -> str:
+        """The build command that makes this collection again: its split and its indexes."""
+        split = self.manifest.get("split", {})
+        options = f"--split {split.get('kind', 'seed')}"
+        if split.get("kind") == "seed":
+            options += (f" --test-size {split.get('test_size')} --random-state "
+                        f"{split.get('random_state')}")
+        options += "".join(f" {index_option(name, entry)}"
+                           for name, entry in self.indexes.items())
+        return f"mnist-ann build --collection {self.name} {options}{store_flag(self.root.parent)}"
+
     def remedy(self, filename: str) -> str:
-        """What to do about a damaged or missing file."""
+        """What to do about a damaged or missing file: a command that works as it stands."""
         for name, entry in self.indexes.items():
             if filename in (entry.get("file"), entry.get("record")):
                 return (f"rebuild the index with `mnist-ann build --collection {self.name} "
-                        f"--index {entry.get('recipe', name)} --force`")
-        return (f"rebuild the collection: `mnist-ann drop {self.name}`, then `mnist-ann build "
-                f"--collection {self.name}` with its split options")
+                        f"{index_option(name, entry)} --force{store_flag(self.root.parent)}`")
+        return (f"drop and rebuild the collection: `mnist-ann drop {self.name}"
+                f"{store_flag(self.root.parent)}`, then `{self.rebuild_command()}`")
 
     def read_verified(self, filename: str) -> bytes:
         """A recorded file's bytes, after checking their sha256 against the manifest."""
         record = self._record(filename)
         path = self.root / filename
         try:
+            if path.stat().st_size != record.get("bytes", path.stat().st_size):
+                raise self._damaged(path, f"is {path.stat().st_size:,} bytes, not the "
+                                          f"{record['bytes']:,} recorded")
             data = path.read_bytes()
         except FileNotFoundError:
             raise self._damaged(path, "is missing") from None
@@ -199,12 +299,15 @@ class Collection:
 
     def load_index(self, name: str) -> StoredIndex:
         """Index `name`, read only after its file passes the manifest's sha256 and its build
-        record agrees with the manifest entry."""
-        entry = self.indexes.get(name)
-        if entry is None:
-            known = ", ".join(self.indexes) or "none built yet"
-            raise MnistAnnError(f"collection {self.name!r} has no index {name!r} (built: "
-                                f"{known}); build it with `mnist-ann build --index`")
+        record agrees with the manifest entry.
+
+        If its file was replaced since this object read the manifest (another command rebuilt
+        it), the manifest is read again and the new file is loaded.
+        """
+        entry = self._entry(name)
+        if not (self.root / entry.get("file", "")).is_file():
+            self.refresh()
+            entry = self._entry(name)
         check_build_record(self, name, entry)
         recorded = self.manifest["files"].get(entry["file"], {}).get("sha256")
         if recorded != entry.get("sha256"):
@@ -212,6 +315,14 @@ class Collection:
                                 "is not the file the manifest's index entry names")
         return StoredIndex(name, entry, self._read_index(self.root / entry["file"],
                                                           entry["sha256"]))
+
+    def _entry(self, name: str) -> dict:
+        entry = self.indexes.get(name)
+        if not isinstance(entry, dict):
+            known = ", ".join(self.indexes) or "none built yet"
+            raise MnistAnnError(f"collection {self.name!r} has no index {name!r} (built: "
+                                f"{known}); build it with `mnist-ann build --index`")
+        return entry
 
     def _read_index(self, path: Path, sha256: str) -> object:
         """Hash the open file, then let FAISS read it through the same open file.
@@ -236,7 +347,7 @@ class Collection:
                 if same_file.exists():  # FAISS's own buffered reader, on the checked file
                     index = faiss.read_index(str(same_file))
                 else:
-                    reader = faiss.PyCallbackIOReader(handle.read, READ_BLOCK)
+                    reader = faiss.PyCallbackIOReader(handle.read, 1 << 22)
                     index = faiss.read_index(reader)
                     del reader
             except RuntimeError as exc:  # not expected after the checksum: a FAISS mismatch
@@ -247,16 +358,32 @@ class Collection:
             raise self._damaged(path, "was changed while it was being read")
         return index
 
-    # --- writing -------------------------------------------------------------------------
+    # --- checking ------------------------------------------------------------------------
 
-    def record_file(self, filename: str, record: dict | None = None) -> dict:
-        record = record or file_record(self.root / filename)
-        self.manifest["files"][filename] = record
-        return record
-
-    def save(self) -> None:
-        """Write the manifest (atomically; callers write every other file first)."""
-        write_json(self.root / MANIFEST, self.manifest)
+    def problems(self) -> list[dict]:
+        """Every file that differs from the manifest or its build record: [{file, problem}]."""
+        found = []
+        for filename, record in self.manifest["files"].items():
+            path = self.root / filename
+            if not path.is_file():
+                found.append({"file": filename, "problem": "missing"})
+            elif path.stat().st_size != record.get("bytes", path.stat().st_size):
+                found.append({"file": filename, "problem": f"{path.stat().st_size:,} bytes, "
+                                                           f"not {record['bytes']:,}"})
+            elif sha256_file(path) != record["sha256"]:
+                found.append({"file": filename, "problem": "fails its checksum"})
+        damaged = {problem["file"] for problem in found}
+        for name, entry in self.indexes.items():
+            if entry.get("record") in damaged or entry.get("file") in damaged:
+                continue
+            try:
+                check_build_record(self, name, entry)
+            except MnistAnnError as exc:
+                found.append({"file": entry.get("record") or entry.get("file") or name,
+                              "problem": str(exc)})
+        for problem in found:
+            problem["remedy"] = self.remedy(problem["file"])
+        return found
 
     def summary(self) -> dict:
         return {
@@ -276,8 +403,8 @@ def check_build_record(collection: Collection, name: str, entry: dict) -> None:
     The build record is written beside the index, checksummed in the manifest, and names the
     index file's sha256: an edited pipeline, factory or ranking space is caught here.
     """
-    rebuild = f"rebuild it with `mnist-ann build --collection {collection.name} --index " \
-              f"{entry.get('recipe', name)} --force`"
+    rebuild = f"rebuild it with `mnist-ann build --collection {collection.name} " \
+              f"{index_option(name, entry)} --force{store_flag(collection.root.parent)}`"
     if "record" not in entry or "file" not in entry:
         raise IntegrityError(f"index {name!r} has no build record in the manifest (built by an "
                              f"older mnist-ann, or the manifest was edited); {rebuild}")
@@ -305,103 +432,3 @@ def list_collections(store: Path) -> list[Collection]:
             with contextlib.suppress(MnistAnnError):
                 found.append(Collection.open(store, child.name))
     return found
-
-
-def create_collection(store: Path, name: str, dataset: Dataset, split: Split,
-                      log: Log) -> Collection:
-    """Write the split's train and test tables and a fresh manifest into store/name."""
-    validate_name(name)
-    ensure_writable(store)
-    root = store / name
-    if (root / MANIFEST).exists():
-        raise MnistAnnError(f"collection {name!r} already exists in {store}")
-    fresh_folder = not root.exists()
-    try:
-        root.mkdir(exist_ok=True)
-        remove_stale_temporaries(root)
-        train_ids, test_ids = split.ids(len(dataset.labels))
-        started = time.perf_counter()
-        files = {}
-        for filename, ids in ((TRAIN_FILE, train_ids), (TEST_FILE, test_ids)):
-            log(f"writing {root / filename} ({len(ids):,} rows)")
-            write_table(root / filename, Table(ids, dataset.labels[ids], dataset.images[ids]))
-            files[filename] = file_record(root / filename)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "dataset": {"name": "mnist-70k", "fingerprint": FINGERPRINT,
-                        "source": dataset.source},
-            "split": split.to_dict(),
-            "rows": {"train": len(train_ids), "test": len(test_ids)},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": files,
-            "indexes": {},
-        }
-        write_json(root / MANIFEST, manifest)
-    except OSError as exc:
-        if fresh_folder:
-            shutil.rmtree(root, ignore_errors=True)
-        raise MnistAnnError(f"cannot write collection {root} ({exc.strerror or exc})") from exc
-    log(f"collection {name!r} written in {time.perf_counter() - started:.1f} s")
-    return Collection(root, manifest)
-
-
-def ensure_collection(store: Path, name: str, split: Split, source: str, log: Log,
-                      must_match: bool = True) -> Collection:
-    """Open collection `name`, or create it from MNIST with `split` if it does not exist.
-
-    With `must_match`, an existing collection must hold `split`.
-    """
-    validate_name(name)
-    ensure_writable(store)
-    if (store / name / MANIFEST).is_file():
-        collection = Collection.open(store, name)
-        if must_match and collection.split != split:
-            raise MnistAnnError(f"collection {name!r} holds split {collection.split.to_dict()}, "
-                                f"not {split.to_dict()}; choose another --collection")
-        log(f"collection {name!r} exists with split {collection.split.to_dict()}; kept")
-        return collection
-    return create_collection(store, name, load_mnist(source, log=log), split, log)
-
-
-def upgrade_collection(store: Path, name: str, log: Log) -> bool:
-    """Rewrite a schema-1 collection's tables in schema 2, keeping its indexes.
-
-    The rows are read from the old tables (checked against the old manifest), written anew,
-    read back and compared; only then is the manifest replaced. Returns False when the
-    collection already has the current schema.
-    """
-    root = Path(store) / validate_name(name)
-    path = root / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MnistAnnError(f"no collection {name!r} in store {store}") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc})") from exc
-    if manifest.get("schema_version") == SCHEMA_VERSION:
-        return False
-    if manifest.get("schema_version") != 1:
-        raise DataError(f"{path}: schema version {manifest.get('schema_version')!r} cannot be "
-                        "upgraded; rebuild the collection")
-    old = Collection(root, manifest)
-    ensure_writable(root)
-    renamed = {}
-    for filename in (TRAIN_FILE, TEST_FILE):
-        what = str(root / filename)
-        rows = arrow_to_table(read_arrow(old.read_verified(filename), what), what)
-        write_table(root / filename, rows)
-        again = arrow_to_table(read_arrow(root / filename, what), what)
-        same_labels = (rows.labels is None and again.labels is None) or (
-            rows.labels is not None and again.labels is not None
-            and np.array_equal(rows.labels, again.labels))
-        if not (same_labels and np.array_equal(rows.ids, again.ids)
-                and np.array_equal(rows.pixels, again.pixels)):
-            raise IntegrityError(f"{root / filename}: the upgraded table differs from the old "
-                                 "one; rebuild the collection")
-        renamed[manifest["files"][filename]["sha256"]] = old.record_file(filename)["sha256"]
-        log(f"{filename}: rewritten with pixels as fixed_size_binary(784)")
-    for entry in manifest.get("indexes", {}).values():
-        entry["train_sha256"] = renamed.get(entry.get("train_sha256"), entry.get("train_sha256"))
-    manifest["schema_version"] = SCHEMA_VERSION
-    write_json(path, manifest)
-    return True
