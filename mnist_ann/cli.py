@@ -252,6 +252,13 @@ param_option = click.option("--param", "params", multiple=True, callback=parse_p
                             help="Search parameter, e.g. efSearch=64 or nprobe=16; repeatable "
                                  "[default: the recipe's].")
 
+normalize_option = click.option(
+    "--normalize", "normalize_mode", default="auto", show_default=True,
+    type=click.Choice(("auto", "photo", "canvas", "mnist", "none")),
+    help="How images become MNIST-style 28x28: photo (paper: lighting, threshold, specks), "
+         "canvas (a drawing), mnist (box and centring only), none; auto passes a 28x28 "
+         "white-on-black image unchanged and normalises anything else.")
+
 
 @main.command()
 @collection_option
@@ -263,8 +270,9 @@ param_option = click.option("--param", "params", multiple=True, callback=parse_p
               help="uniform: plurality vote; distance: votes weighted by 1/distance.")
 @click.option("--input", "input_path", type=click.Path(exists=True, path_type=Path),
               default=None, help="Parquet table, .npy uint8 [n,784] or [n,28,28], IDX image "
-                                 "file, or folder of 28x28 grayscale PNGs [default: the "
-                                 "collection's test table].")
+                                 "file, or an image (PNG, JPEG, WEBP) or folder of them "
+                                 "[default: the collection's test table].")
+@normalize_option
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False,
                                                           path_type=Path),
               default=None, help="IDX label file for an IDX image --input.")
@@ -277,7 +285,8 @@ param_option = click.option("--param", "params", multiple=True, callback=parse_p
 @quiet_option
 @json_option
 def query(collection_name: str, index_name: str, k: int, params: dict, weights: str,
-          input_path: Path | None, labels_path: Path | None, output_path: Path | None,
+          input_path: Path | None, normalize_mode: str, labels_path: Path | None,
+          output_path: Path | None,
           confusion_path: Path | None, threads: int | None, store: Path | None, quiet: bool,
           as_json: bool) -> None:
     """Classify images by a vote of their k nearest neighbours in an index."""
@@ -290,7 +299,7 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
     if input_path is None:
         queries = Queries.from_table(collection.test(), f"{collection_name}/test.parquet")
     else:
-        queries = read_queries(input_path, labels_path)
+        queries = read_queries(input_path, labels_path, normalize_mode)
     if confusion_path is not None and queries.labels is None:
         raise click.UsageError("--confusion needs labelled queries")
     log(f"loading index {index_name!r} of {collection_name!r} (checksum verified)")
@@ -525,6 +534,45 @@ def show(ids: tuple[int, ...], out: Path, columns: int, source: str, quiet: bool
     rows = list(ids)
     digit_grid(dataset.images[rows], [f"#{i}: {dataset.labels[i]}" for i in rows], out, columns)
     click.echo(str(out))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the 28x28 PNGs and before-after.png (made if missing).")
+@normalize_option
+@quiet_option
+@json_option
+def normalize(images: tuple[Path, ...], out: Path, normalize_mode: str, quiet: bool,
+              as_json: bool) -> None:
+    """Make images (files or folders of PNG, JPEG, WEBP) MNIST-style 28x28 digits: writes
+    each as OUT/NAME.png, a before-after grid, and prints what was done to each."""
+    import numpy as np
+
+    from mnist_ann.data.images import png_bytes
+    from mnist_ann.data.normalize import image_files, read_grey
+    from mnist_ann.data.normalize import normalize as normalize_image
+    from mnist_ann.fileio import write_bytes
+    from mnist_ann.render.plots import before_after_grid
+
+    log = stderr_log(quiet)
+    files = image_files(list(images))
+    results = [normalize_image(path, normalize_mode, str(path)) for path in files]
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path, result in zip(files, results, strict=True):
+        target = out / f"{path.stem}.png"
+        write_bytes(target, png_bytes(result.pixels))
+        records.append({"file": str(path), "out": str(target), **result.record})
+    before_after_grid([read_grey(path, str(path))[0] for path in files],
+                      np.stack([r.pixels for r in results]), [p.name for p in files],
+                      out / "before-after.png")
+    log(f"{len(files)} images normalised into {out}; look at {out / 'before-after.png'}")
+    if as_json:
+        emit(records, True)
+    else:
+        for record in records:
+            click.echo(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -165,3 +165,77 @@ def one_error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("Error")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
+
+
+# --- real-looking images of known digits -----------------------------------------------------
+
+def photo_of_digit(digit: np.ndarray, seed: int = 0, size: tuple[int, int] = (640, 480),
+                   format: str = "JPEG") -> bytes:
+    """A 'photo' of a 28x28 MNIST digit written in ink on paper: off-centre, about 180 px
+    tall, under lighting that falls from one side to the other with a shadow, with sensor
+    noise and specks of dirt, saved as JPEG."""
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    x = np.linspace(0, 1, width)[None, :]
+    y = np.linspace(0, 1, height)[:, None]
+    light = 150 + 85 * x - 25 * np.exp(-((x - 0.2) ** 2 + (y - 0.8) ** 2) / 0.05)
+    tall = int(rng.integers(150, 210))
+    ink = Image.fromarray(digit.reshape(28, 28)).resize((tall, tall), Image.Resampling.BICUBIC)
+    ink = np.asarray(ink.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float64) / 255
+    layer = np.zeros((height, width))
+    top = int(rng.integers(10, height - tall - 10))
+    left = int(rng.integers(width // 2, width - tall - 10))
+    layer[top:top + tall, left:left + tall] = ink
+    specks = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(specks)
+    for _ in range(12):
+        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(1, 4)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    layer = np.maximum(layer, np.asarray(specks, dtype=np.float64) / 255 * 0.8)
+    paper = light * (1 - 0.8 * layer) + rng.normal(0, 5, (height, width))
+    rgb = np.clip(np.stack([paper, paper * 0.97, paper * 0.92], -1), 0, 255).astype(np.uint8)
+    buffer = BytesIO()
+    Image.fromarray(rgb).save(buffer, format=format, quality=88)
+    return buffer.getvalue()
+
+
+def canvas_drawing(strokes: list[list[tuple[int, int]]], side: int = 280,
+                   width: int = 20) -> bytes:
+    """A drawing as a browser canvas exports it: black strokes on a transparent PNG."""
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for stroke in strokes:
+        draw.line(stroke, fill=(0, 0, 0, 255), width=width, joint="curve")
+        for x, y in (stroke[0], stroke[-1]):
+            draw.ellipse((x - width // 2, y - width // 2, x + width // 2, y + width // 2),
+                         fill=(0, 0, 0, 255))
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def dark_on_light_png(digit: np.ndarray, size: tuple[int, int] = (200, 160)) -> bytes:
+    """A digit drawn dark on a light 200x160 grey PNG, 120 px tall."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    ink = Image.fromarray(255 - digit.reshape(28, 28)).resize((120, 120),
+                                                              Image.Resampling.BICUBIC)
+    image = Image.new("L", size, 255)
+    image.paste(ink, (30, 20))
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# a 7 in two strokes (the bar across it is the second), as a person draws it
+SEVEN = [[(60, 50), (220, 50), (120, 240)], [(95, 145), (200, 145)]]

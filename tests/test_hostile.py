@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from mnist_ann.api import Collection
 from mnist_ann.data.mnist import IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, read_idx_file
-from mnist_ann.data.queries import read_npy, read_png_folder
+from mnist_ann.data.queries import read_images, read_npy
 from mnist_ann.data.tables import read_parquet
 from mnist_ann.errors import DataError
 
@@ -90,8 +90,9 @@ def small_png() -> bytes:
     from PIL import Image
 
     buffer = BytesIO()
-    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
-    Image.fromarray(noise).save(buffer, format="PNG")
+    digit = np.zeros((28, 28), np.uint8)  # a noisy square: its data fills several hundred bytes
+    digit[4:24, 4:24] = np.random.default_rng(0).integers(1, 256, (20, 20), dtype=np.uint8)
+    Image.fromarray(digit).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -234,7 +235,7 @@ def test_a_jpeg_named_png_is_refused(store: Path, inputs: Path) -> None:
 def test_an_empty_folder_is_refused(store: Path, inputs: Path) -> None:
     (inputs / "empty").mkdir()
     (inputs / "empty" / "notes.txt").write_text("no images here")
-    query(store, inputs / "empty", "no .png images")
+    query(store, inputs / "empty", "no .png, .jpg or .webp images")
 
 
 # --- search parameters ---------------------------------------------------------------------
@@ -329,7 +330,7 @@ def test_random_bytes_never_crash_a_reader(prefix: bytes, tail: bytes) -> None:
         path = Path(folder) / "input.png"
         path.write_bytes(prefix + tail)
         for read in (lambda: read_idx_file(path, IDX_IMAGE_MAGIC), lambda: read_npy(path),
-                     lambda: read_png_folder(Path(folder))):
+                     lambda: read_images([Path(folder)])):
             try:
                 result = read()
             except DataError as exc:

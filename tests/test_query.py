@@ -237,16 +237,24 @@ def test_parquet_of_the_wrong_width(built: Collection, tmp_path: Path) -> None:
     assert_no_output(result, tmp_path, 1, "783 pixels")
 
 
-@pytest.mark.parametrize(("size", "mode"), [((28, 27), "L"), ((28, 28), "RGB")])
-def test_png_that_is_not_28x28_grayscale(built: Collection, tmp_path: Path, size, mode) -> None:
+@pytest.mark.parametrize(("size", "mode", "normalize", "fragment"), [
+    ((28, 27), "L", "none", "must be 28x28"), ((30, 30), "RGB", "none", "must be 28x28"),
+    ((28, 28), "L", "auto", "no digit found"), ((200, 160), "RGB", "photo", "no digit found"),
+])
+def test_images_that_cannot_be_queried(built: Collection, tmp_path: Path, size, mode,
+                                       normalize: str, fragment: str) -> None:
     from PIL import Image
 
     (tmp_path / "png").mkdir()
-    Image.new("L", (28, 28)).save(tmp_path / "png" / "a.png")
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    Image.fromarray(digit).save(tmp_path / "png" / "a.png")
     Image.new(mode, size).save(tmp_path / "png" / "b.png")
-    result = run_cli("query", *SYN, "--input", tmp_path / "png", "--output",
-                     tmp_path / "out.csv")
-    assert_no_output(result, tmp_path, 1, "b.png")
+    result = run_cli("query", *SYN, "--input", tmp_path / "png", "--normalize", normalize,
+                     "--output", tmp_path / "out.csv")
+    line = assert_clean_error(result, 1, fragment)
+    assert "b.png" in line
+    assert not (tmp_path / "out.csv").exists()
 
 
 @pytest.mark.parametrize(("args", "code", "fragment"), [

@@ -48,3 +48,14 @@ def load_pixels(image: object, what: str) -> object:
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{what}: the image data is damaged or truncated ({exc})") from exc
     return image
+
+
+def png_bytes(pixels) -> bytes:
+    """A 28x28 uint8 digit (or [784]) as PNG bytes, white on black as MNIST stores it."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.fromarray(pixels.reshape(28, 28)).save(buffer, format="PNG")
+    return buffer.getvalue()

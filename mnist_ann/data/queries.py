@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_ann.data.images import load_pixels, open_image
 from mnist_ann.data.mnist import (
     IDX_IMAGE_MAGIC,
     IDX_LABEL_MAGIC,
@@ -38,22 +37,25 @@ class Queries:
         return cls(table.ids, table.labels, table.pixels, description)
 
 
-def read_png_folder(folder: Path) -> Queries:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
-    if not files:
-        raise DataError(f"{folder}: no .png images in the folder")
+def read_images(paths: list[Path], normalize_mode: str = "auto",
+                records: list | None = None) -> Queries:
+    """Image files (PNG, JPEG, WEBP), or folders of them, made MNIST-style by `normalize`
+    (`auto`: a 28x28 grey white-on-black image passes unchanged); named by file name. With
+    `records`, what normalisation did to each is appended there."""
+    from mnist_ann.data.normalize import image_files, normalize
+
+    files = image_files(paths)
     if len(files) > MAX_IMAGES:
-        raise DataError(f"{folder}: {len(files):,} images, more than the {MAX_IMAGES:,} "
-                        "mnist-ann reads at once; split the folder")
+        raise DataError(f"{len(files):,} images, more than the {MAX_IMAGES:,} mnist-ann reads "
+                        "at once; split the folder")
     images = []
     for path in files:
-        with open_image(path, ("PNG",), str(path)) as image:
-            if image.mode != "L" or image.size != (28, 28):
-                raise DataError(f"{path.name}: {image.size[0]}x{image.size[1]} mode "
-                                f"{image.mode}; expected a 28x28 8-bit grayscale PNG")
-            load_pixels(image, str(path))
-            images.append(np.asarray(image, dtype=np.uint8).reshape(N_PIXELS))
-    return Queries(np.array([p.name for p in files]), None, np.stack(images), str(folder))
+        result = normalize(path, normalize_mode, str(path))
+        images.append(result.pixels.reshape(N_PIXELS))
+        if records is not None:
+            records.append({"file": path.name, **result.record})
+    return Queries(np.array([p.name for p in files]), None, np.stack(images),
+                   ", ".join(map(str, paths)))
 
 
 def read_npy(path: Path) -> np.ndarray:
@@ -87,12 +89,16 @@ def read_npy(path: Path) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran else "C")
 
 
-def read_queries(source: Path, labels_path: Path | None = None) -> Queries:
-    """Queries from a Parquet table, .npy array, IDX image file or folder of PNGs."""
+def read_queries(source: Path, labels_path: Path | None = None,
+                 normalize_mode: str = "auto") -> Queries:
+    """Queries from a Parquet table, .npy array, IDX image file, or image files (a file or a
+    folder of PNG, JPEG or WEBP, normalised MNIST-style)."""
+    from mnist_ann.data.normalize import IMAGE_SUFFIXES
+
     if labels_path is not None and (source.is_dir() or source.suffix in (".parquet", ".npy")):
         raise InvalidArgument("--labels goes with an IDX image file")
-    if source.is_dir():
-        return read_png_folder(source)
+    if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
+        return read_images([source], normalize_mode)
     if not source.is_file():
         raise DataError(f"{source}: no such file or folder")
     if source.suffix == ".parquet":

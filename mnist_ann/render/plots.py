@@ -52,3 +52,20 @@ def confusion_heatmap(matrix: np.ndarray, path: Path, title: str) -> None:
             axis.text(column, row, str(value), ha="center", va="center", fontsize=7,
                       color="white" if value > threshold else "black")
     save_figure(figure, path)
+
+
+def before_after_grid(originals: list[np.ndarray], normalized: np.ndarray, titles: list[str],
+                      path: Path) -> None:
+    """Save each image as it came (grey) beside its MNIST-style 28x28, one pair a row."""
+    count = len(originals)
+    figure, axes = plt.subplots(count, 2, figsize=(3.6, 1.7 * count), squeeze=False)
+    for row, (original, pixels, title) in enumerate(zip(originals, normalized, titles,
+                                                        strict=True)):
+        for axis in axes[row]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[row][0].imshow(original, cmap="gray", vmin=0, vmax=255)
+        axes[row][0].set_title(title, fontsize=8)
+        axes[row][1].imshow(pixels.reshape(28, 28), cmap="gray", vmin=0, vmax=255)
+        axes[row][1].set_title("28x28", fontsize=8)
+    save_figure(figure, path)
