@@ -26,14 +26,16 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-# The tests open pages in Chromium: Debian's package, installed here when it is missing
-# (never from inside a test).
+# The browser test drives Debian's Chromium headless shell with playwright (never
+# `playwright install`, which downloads browsers): installed here when it is missing.
+CHROMIUM := /usr/lib/chromium/chromium-headless-shell
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@test -x $(CHROMIUM) || { \
 	  if [ "$$(id -u)" -eq 0 ]; then sudo=; else sudo=sudo; fi; \
-	  echo "installing Debian's chromium for the browser tests"; \
+	  echo "installing Debian's chromium-headless-shell for the browser test"; \
 	  $$sudo apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium-headless-shell \
+	    >/dev/null; }
 
 run: $(VENV)/.installed
 	@echo "building hnswlib (the report's peer) in the background; log in $(VENV)/peers.log"

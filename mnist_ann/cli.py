@@ -575,5 +575,37 @@ def normalize(images: tuple[Path, ...], out: Path, normalize_mode: str, quiet: b
             click.echo(json.dumps(record))
 
 
+@main.command()
+@collection_option
+@click.option("--index", "index_names", multiple=True, default=("flat",), show_default=True,
+              help="Index to serve; repeatable (the first is the default).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="FAISS threads per search (requests run side by side; one is fastest).")
+@store_option
+@quiet_option
+def serve(collection_name: str, index_names: tuple[str, ...], host: str, port: int,
+          threads: int, store: Path | None, quiet: bool) -> None:
+    """Serve classification over HTTP: a JSON API, a page to draw digits on, API docs."""
+    try:
+        import uvicorn
+
+        from mnist_ann.serve.app import create_app
+    except ImportError as exc:
+        raise MnistAnnError(f"serve needs the optional extra: pip install 'mnist-ann[serve]' "
+                            f"({exc.name} is missing)") from None
+    from mnist_ann.serve.service import ClassifyService
+
+    log = stderr_log(quiet)
+    collection = open_collection(store, collection_name)
+    log(f"loading {', '.join(index_names)} of {collection_name!r} (checksums verified)")
+    service = ClassifyService(collection, index_names, threads)
+    log(f"serving on http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(create_app(service), host=host, port=port,
+                log_level="warning" if quiet else "info", access_log=False)
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -239,3 +239,23 @@ def dark_on_light_png(digit: np.ndarray, size: tuple[int, int] = (200, 160)) -> 
 
 # a 7 in two strokes (the bar across it is the second), as a person draws it
 SEVEN = [[(60, 50), (220, 50), (120, 240)], [(95, 145), (200, 145)]]
+
+
+# Debian's Chromium headless shell, which `make browser` installs; the full browser will do
+BROWSERS = ("/usr/lib/chromium/chromium-headless-shell", "/usr/lib/chromium/chromium")
+
+
+def browser_path() -> str:
+    """The Chromium the browser tests drive."""
+    import shutil
+
+    import pytest
+
+    for path in BROWSERS:
+        if Path(path).is_file():
+            return path
+    for name in ("chromium-headless-shell", "chromium"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("no Chromium: `make browser` (part of `make test`) installs Debian's "
+                "chromium-headless-shell")

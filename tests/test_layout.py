@@ -20,6 +20,7 @@ LAYERS = [
     {"api", "estimator"},
     {"evaluation"},
     {"render"},
+    {"serve"},
     {"cli", "__main__", "__init__"},
 ]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from conftest import writable_copy
 from helpers import (
     assert_clean_error,
+    browser_path,
     clustered_digits,
     exact_knn,
     make_collection,
@@ -224,16 +224,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--virtual-time-budget=10000", "--dump-dom"]
 
 
-def find_chromium() -> str:
-    """Chromium, which `make test` installs (Debian's package) when it is missing."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    pytest.fail("Chromium is not installed; `make test` installs it (apt-get install chromium)")
-
-
 def test_report_html_images_load_in_chromium(report: dict, tmp_path: Path) -> None:
-    chromium = find_chromium()
+    chromium = browser_path()
     page = (report["out"] / "report.html").read_text()
     probe = ("<script>window.addEventListener('load', () => { const images = "
              "[...document.images]; document.body.dataset.images = images.length + '/' + "
