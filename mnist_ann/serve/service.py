@@ -226,17 +226,23 @@ def as_pixels(value: object, what: str) -> np.ndarray:
     """784 whole numbers 0..255, flat or as 28 rows of 28, as uint8."""
     if not isinstance(value, list):
         raise unprocessable(f"{what} must be a list of {N_PIXELS} numbers or 28 lists of 28")
-    if len(value) == 28 and all(isinstance(row, list) for row in value):
-        if not all(len(row) == 28 for row in value):
-            raise unprocessable(f"{what}: 28 rows of 28 pixels expected")
-        value = [pixel for row in value for pixel in row]
-    if len(value) != N_PIXELS:
-        raise unprocessable(f"{what} has {len(value)} values; expected {N_PIXELS} (28x28)")
-    if not all(type(v) in (int, float) for v in value):
+    try:
+        array = np.array(value)
+    except (ValueError, TypeError):  # ragged rows
+        raise unprocessable(f"{what}: 28 rows of 28 pixels expected") from None
+    if array.shape == (28, 28):
+        array = array.reshape(N_PIXELS)
+    if array.ndim == 2:
+        raise unprocessable(f"{what}: 28 rows of 28 pixels expected, not {array.shape[0]} of "
+                            f"{array.shape[1]}")
+    if array.shape != (N_PIXELS,):
+        raise unprocessable(f"{what} has {array.size} values; expected {N_PIXELS} (28x28)")
+    if array.dtype.kind not in "iuf":  # strings, booleans, nulls and objects are not pixels
         raise unprocessable(f"{what}: every pixel must be a number 0..255")
-    array = np.array(value, dtype=np.float64)
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255 \
-            or not np.array_equal(array, np.floor(array)):
+    if array.dtype.kind == "f" and not (np.isfinite(array).all()
+                                        and np.array_equal(array, np.floor(array))):
+        raise unprocessable(f"{what}: pixels must be whole numbers 0..255")
+    if array.min() < 0 or array.max() > 255:
         raise unprocessable(f"{what}: pixels must be whole numbers 0..255")
     return array.astype(np.uint8)
 
