@@ -3,6 +3,7 @@ clients, for single images and for batches, and the answers checked against the 
 
     python bench/bench_serve.py [--store indexes] [--collection seed] [--index hnsw]
                                 [--seconds 5] [--clients 1 4 16 32] [--batch 100]
+                                [--no-gather]
 
 The server runs as `mnist-ann serve` in a process of its own; the clients are threads of this
 process, each with one keep-alive connection, sending the seed test images in turn for
@@ -42,7 +43,8 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "mnist_ann", "serve", "--collection", args.collection,
-               "--index", args.index, "--port", str(port), "--threads", "1", "-q"]
+               "--index", args.index, "--port", str(port), "--threads", "1", "-q",
+               "--gather" if args.gather else "--no-gather"]
     if args.store:
         command += ["--store", args.store]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -137,6 +139,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--no-gather", dest="gather", action="store_false",
+                        help="serve --no-gather: every request searched on its own")
     args = parser.parse_args()
     test = Store(args.store)[args.collection].test()
     pixels = test.pixels[:2000]
@@ -149,7 +153,8 @@ def main() -> None:
     server = start_server(args, port)
     try:
         print(f"machine: {json.dumps(describe_machine())}")
-        print(f"server: mnist-ann serve --index {args.index} --threads 1 (one uvicorn worker); "
+        print(f"server: mnist-ann serve --index {args.index} --threads 1 "
+              f"--{'' if args.gather else 'no-'}gather (one uvicorn worker); "
               f"clients: threads of one process, one keep-alive connection each, "
               f"{args.seconds:g} s a setting; {os.cpu_count()} cores shared")
         load(port, singles, 4, 1.0)  # warm-up

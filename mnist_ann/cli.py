@@ -584,10 +584,12 @@ def normalize(images: tuple[Path, ...], out: Path, normalize_mode: str, quiet: b
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="FAISS threads per search (requests run side by side; one is fastest).")
+@click.option("--gather/--no-gather", default=True, show_default=True,
+              help="Search concurrent requests to an exhaustive index (flat) together.")
 @store_option
 @quiet_option
 def serve(collection_name: str, index_names: tuple[str, ...], host: str, port: int,
-          threads: int, store: Path | None, quiet: bool) -> None:
+          threads: int, gather: bool, store: Path | None, quiet: bool) -> None:
     """Serve classification over HTTP: a JSON API, a page to draw digits on, API docs."""
     try:
         import uvicorn
@@ -601,7 +603,7 @@ def serve(collection_name: str, index_names: tuple[str, ...], host: str, port: i
     log = stderr_log(quiet)
     collection = open_collection(store, collection_name)
     log(f"loading {', '.join(index_names)} of {collection_name!r} (checksums verified)")
-    service = ClassifyService(collection, index_names, threads)
+    service = ClassifyService(collection, index_names, threads, gather)
     log(f"serving on http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(create_app(service), host=host, port=port,
                 log_level="warning" if quiet else "info", access_log=False)

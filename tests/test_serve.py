@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -234,3 +235,35 @@ def test_the_service_refuses_nothing_to_serve(collection: Collection) -> None:
 
     with pytest.raises(InvalidArgument, match="at least one index"):
         ClassifyService(collection, [])
+
+
+def test_concurrent_requests_to_a_flat_index_are_searched_together(collection: Collection,
+                                                                   queries: np.ndarray,
+                                                                   monkeypatch) -> None:
+    from mnist_ann.serve.service import GatheredSearch, exhaustive
+
+    assert exhaustive(collection.indexes["flat"]) and not exhaustive(collection.indexes["hnsw"])
+    service = ClassifyService(collection, ["flat", "hnsw"])
+    assert set(service.gathered) == {"flat"}
+    gathered = service.gathered["flat"]
+    sizes: list[int] = []
+    search = gathered.searcher.search
+
+    def counted(pixels, k, params=None):
+        sizes.append(len(pixels))
+        time.sleep(0.05)  # a slow scan, so that requests pile up behind it
+        return search(pixels, k, params)
+
+    monkeypatch.setattr(gathered, "searcher", type("Slow", (), {"search": staticmethod(counted),
+                                                                "name": "flat"})())
+    bodies = [json.dumps({"pixels": q.tolist(), "index": "flat", "k": k}).encode()
+              for q in queries for k in (3, 7)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(service.classify_json, bodies))
+    expected = ClassifyService(collection, ["flat"], gather=False)
+    for body, answer in zip(bodies, answers, strict=True):
+        alone = expected.classify_json(body)
+        assert [n["id"] for n in answer["neighbours"]] == [n["id"] for n in alone["neighbours"]]
+        assert answer["prediction"] == alone["prediction"]
+    assert sum(sizes) == len(bodies) and max(sizes) > 1  # searched together, each once
+    assert isinstance(gathered, GatheredSearch)

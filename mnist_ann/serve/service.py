@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
+import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +25,7 @@ from mnist_ann.data.images import png_bytes
 from mnist_ann.data.mnist import N_PIXELS
 from mnist_ann.data.normalize import MODES, normalize
 from mnist_ann.errors import DataError, InvalidArgument, MnistAnnError
+from mnist_ann.index.neighbours import Neighbours
 from mnist_ann.runtime import faiss_threads
 
 # a JSON body of 1,000 images of 784 numbers is about 3 MB; an image upload, a phone photo
@@ -59,11 +63,80 @@ class Request:
     normalized: list[dict] | None = None  # what normalisation did, for uploaded images
 
 
+def exhaustive(entry: dict) -> bool:
+    """An index that compares every query with every training row (no IVF lists, no graph):
+    many queries at once cost it little more than one, one pass over the rows in BLAS."""
+    from mnist_ann.index.layers import describe_factory
+
+    kind = describe_factory(entry["factory"], N_PIXELS)
+    return kind["nlist"] is None and not kind["hnsw"]
+
+
+class GatheredSearch:
+    """Concurrent searches of one index gathered into one FAISS call: each worker thread
+    takes every request waiting when it is free (no timer: a lone request goes at once) and
+    searches them together, grouped by k and parameters. One worker per core, so that
+    gathering never leaves a core idle."""
+
+    def __init__(self, searcher, threads: int, max_batch: int = 4096,
+                 workers: int | None = None) -> None:
+        from mnist_ann.runtime import default_threads
+
+        self.searcher, self.threads, self.max_batch = searcher, threads, max_batch
+        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = [threading.Thread(target=self._serve, daemon=True,
+                                          name=f"gather-{searcher.name}-{i}")
+                         for i in range(workers or max(1, default_threads() // threads))]
+        for worker in self._workers:
+            worker.start()
+
+    def search(self, pixels: np.ndarray, k: int, params: dict) -> Neighbours:
+        done: Future = Future()
+        self._waiting.put((pixels, k, params, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            batch = [self._waiting.get()]
+            size = len(batch[0][0])
+            while size < self.max_batch:
+                try:
+                    batch.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
+                size += len(batch[-1][0])
+            groups: dict[str, list] = {}
+            for item in batch:
+                groups.setdefault(json.dumps([item[1], item[2]], sort_keys=True), []).append(item)
+            for items in groups.values():
+                self._search_together(items)
+
+    def _search_together(self, items: list) -> None:
+        try:
+            with faiss_threads(self.threads):
+                found = self.searcher.search(np.concatenate([item[0] for item in items]),
+                                             items[0][1], items[0][2])
+        except BaseException as exc:  # every waiting request learns of it
+            for item in items:
+                item[3].set_exception(exc)
+            return
+        start = 0
+        for pixels, _, _, done in items:
+            end = start + len(pixels)
+            done.set_result(Neighbours(found.rows[start:end], found.distances[start:end]))
+            start = end
+
+
 class ClassifyService:
-    """Classification over a collection's indexes, loaded once, shared by all requests."""
+    """Classification over a collection's indexes, loaded once, shared by all requests.
+
+    `gather`: gather concurrent requests into one search for the exhaustive indexes (a flat
+    scan costs about the same for one query as for a few dozen); the others search each
+    request as it comes.
+    """
 
     def __init__(self, collection: Collection, index_names: Iterable[str],
-                 threads: int = 1) -> None:
+                 threads: int = 1, gather: bool = True) -> None:
         names = list(dict.fromkeys(index_names))
         if not names:
             raise InvalidArgument("serve at least one index")
@@ -71,6 +144,8 @@ class ClassifyService:
         self.threads = threads
         self.classifiers: dict[str, Classifier] = {
             name: collection.classifier(name, threads=threads) for name in names}
+        self.gathered = {name: GatheredSearch(self.classifiers[name].searcher, threads)
+                         for name in names if gather and exhaustive(collection.indexes[name])}
         self.default_index = names[0]
         self._digits = DigitTable(collection)
 
@@ -171,8 +246,12 @@ class ClassifyService:
     def classify(self, request: Request) -> list[dict]:
         classifier = self.classifiers[request.index]
         started = time.perf_counter()
-        with faiss_threads(self.threads):
-            found = classifier.searcher.search(request.pixels, request.k, request.params)
+        if request.index in self.gathered:
+            found = self.gathered[request.index].search(request.pixels, request.k,
+                                                        request.params)
+        else:
+            with faiss_threads(self.threads):
+                found = classifier.searcher.search(request.pixels, request.k, request.params)
         scores = classifier.scores_of(found)
         search_ms = (time.perf_counter() - started) * 1000
         proba = shares(scores)
