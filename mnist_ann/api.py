@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mnist_ann.classify import Classifier
 from mnist_ann.errors import MnistAnnError
-from mnist_ann.index.factory import make_searcher
+from mnist_ann.index.factory import make_reranked, make_searcher
 from mnist_ann.index.recipes import Recipe
 from mnist_ann.index.searchers import Searcher, exhaustive_searcher, space_transforms
 from mnist_ann.index.space import RankingSpace, image_space
@@ -59,7 +59,8 @@ class Collection(stored.Collection):
                     train.result()
                 recipe = Recipe.from_entry(index.entry)
                 space = self.space(index.space_key, recipe, index.index)
-                self._searchers[name] = make_searcher(recipe, index.index, space, name)
+                self._searchers[name] = make_reranked(
+                    recipe, make_searcher(recipe, index.index, space, name), self.train(), name)
                 self.load_seconds[name] = time.perf_counter() - started
             return self._searchers[name]
 
@@ -93,14 +94,17 @@ class Collection(stored.Collection):
                     self._exact[key] = exhaustive_searcher(searcher.space, f"exact {key}")
             return self._exact[key]
 
-    def classifier(self, name: str, *, k: int = 7, params: Mapping | None = None,
+    def classifier(self, name: str, *, k: int | None = None, params: Mapping | None = None,
                    weights: str = "uniform", threads: int | None = None) -> Classifier:
         """A k-NN classifier over index `name` (its search defaults, unless `params` say
-        otherwise)."""
+        otherwise; k the index's own when it was chosen with it, else the study's 7)."""
         train = self.train()
         if train.labels is None:
             raise MnistAnnError(f"{self.name}: the training table has no labels")
-        return Classifier(self.searcher(name), train.labels, ids=train.ids, k=k, params=params,
+        searcher = self.searcher(name)
+        if k is None:
+            k = int(getattr(searcher, "default_k", None) or 7)
+        return Classifier(searcher, train.labels, ids=train.ids, k=k, params=params,
                           weights=weights, threads=threads)
 
 

@@ -259,12 +259,16 @@ normalize_option = click.option(
          "canvas (a drawing), mnist (box and centring only), none; auto passes a 28x28 "
          "white-on-black image unchanged and normalises anything else.")
 
+query_k_option = click.option("-k", "k", type=int, default=None,
+                              help="Neighbours that vote [default: the index's, chosen with "
+                                   "it (deskew-idm), else 7].")
+
 
 @main.command()
 @collection_option
 @click.option("--index", "index_name", default="flat", show_default=True,
               help="Index of the collection to search.")
-@k_option
+@query_k_option
 @param_option
 @click.option("--weights", type=click.Choice(WEIGHTS), default="uniform", show_default=True,
               help="uniform: plurality vote; distance: votes weighted by 1/distance.")
@@ -309,7 +313,7 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
     load_seconds = time.perf_counter() - started
     log(f"classifying {len(queries.pixels):,} images")
     result = classifier.classify(queries.pixels)
-    summary = {"input": queries.description, "n": len(queries.pixels), "k": k,
+    summary = {"input": queries.description, "n": len(queries.pixels), "k": classifier.k,
                "collection": collection_name, "index": index_name,
                "factory": collection.indexes[index_name]["factory"],
                "space": classifier.space, "params": result.params, "weights": weights,
@@ -317,7 +321,7 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
                "queries_per_second": round(result.queries_per_second, 1),
                "threads": result.threads}
     if result.stats:
-        summary["certified"] = result.stats
+        summary[getattr(classifier.searcher, "stats_name", "certified")] = result.stats
     if queries.labels is not None:
         correct = int((result.predictions == queries.labels).sum())
         summary |= {"accuracy": correct / len(queries.labels), "correct": correct}

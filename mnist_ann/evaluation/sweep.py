@@ -236,6 +236,12 @@ def plan(collection: Collection, index_names: list[str] | None,
         raise MnistAnnError(f"collection {collection.name!r} has no index "
                             f"{', '.join(map(repr, unknown))} (built: "
                             f"{', '.join(collection.indexes)})")
+    reranked = [name for name in names if collection.indexes[name].get("rerank")]
+    if reranked and index_names:
+        raise InvalidArgument(f"{', '.join(reranked)}: the report cannot measure a re-ranked "
+                              "index's recall yet (its ground truth is exact IDM); "
+                              "bench/bench_accuracy.py measures its accuracy and speed")
+    names = [name for name in names if name not in reranked]  # not silently mis-measured
     if settings.k < 1 or settings.repeats < 1 or settings.latency_queries < 1:
         raise InvalidArgument("k, repeats and latency queries must be at least 1")
     n_test = collection.manifest["rows"]["test"]

@@ -71,6 +71,10 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
     if target.kind not in ("recall", "accuracy") or not 0 <= target.value <= 1:
         raise InvalidArgument(f"a target is recall in (0, 1] or an accuracy tolerance in "
                               f"[0, 1], not {target.kind} {target.value}")
+    if collection.indexes.get(name, {}).get("rerank"):
+        raise InvalidArgument(f"{name}: tune cannot measure a re-ranked index yet (its ground "
+                              "truth is exact IDM); bench/choose_idm.py chose its settings on "
+                              "held-out training rows")
     searcher = collection.searcher(name)
     grid = collection.indexes[name].get("search_grid", {})
     if not grid:

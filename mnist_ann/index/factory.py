@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import faiss
 
+from mnist_ann.data.tables import Table
+from mnist_ann.errors import InvalidArgument
 from mnist_ann.index.certified import CertifiedSearcher
 from mnist_ann.index.layers import is_exhaustive
 from mnist_ann.index.recipes import Recipe
@@ -49,3 +51,25 @@ def make_searcher(recipe: Recipe, index: faiss.Index, space: RankingSpace,
                   name: str | None = None) -> Searcher:
     """The searcher a recipe's index is searched with, over `space`."""
     return SEARCHER_KINDS[kind_of(recipe)](recipe, index, space, name or recipe.name)
+
+
+def idm_reranker(base: Searcher, train: Table, recipe: Recipe, name: str) -> Searcher:
+    from mnist_ann.index.idm import IdmSearcher
+
+    if train.labels is None:
+        raise InvalidArgument(f"{name}: the IDM gate needs a labelled training table")
+    return IdmSearcher(base, train.pixels, train.labels, recipe.search_defaults, name)
+
+
+# second stages: re-rank a searcher's candidates by another distance
+RERANKERS: dict[str, Callable[[Searcher, Table, Recipe, str], Searcher]] = {"idm": idm_reranker}
+
+
+def make_reranked(recipe: Recipe, base: Searcher, train: Table, name: str) -> Searcher:
+    """`base` as it is, or wrapped in the recipe's second stage."""
+    if not recipe.rerank:
+        return base
+    if recipe.rerank not in RERANKERS:
+        raise InvalidArgument(f"{name}: unknown re-rank stage {recipe.rerank!r}; known: "
+                              f"{', '.join(RERANKERS)}")
+    return RERANKERS[recipe.rerank](base, train, recipe, name)

@@ -42,12 +42,18 @@ class Recipe:
     certified: bool = False
     # the part of search_grid a default report sweeps: the settings that show the trade-off
     focus_grid: dict = field(default_factory=dict)
+    # a second stage re-ranking the index's candidates by another distance ("idm")
+    rerank: str | None = None
 
     def spec(self) -> dict:
         """What identifies the built file: two builds with equal specs are interchangeable."""
         spec = {"recipe": self.name, "factory": self.factory, "build_args": self.build_args,
                 "pipeline": list(self.pipeline), "rank_space": self.rank_space}
-        return {**spec, "certified": True} if self.certified else spec
+        if self.certified:
+            spec["certified"] = True
+        if self.rerank:
+            spec["rerank"] = self.rerank
+        return spec
 
     @classmethod
     def from_entry(cls, entry: dict) -> Recipe:
@@ -57,7 +63,7 @@ class Recipe:
                    dict(entry.get("search_defaults") or {}),
                    dict(entry.get("search_grid") or {}), entry["recipe"] in BUILTIN,
                    tuple(entry.get("pipeline") or ()), entry.get("rank_space", "input"),
-                   bool(entry.get("certified")), focus_of(entry))
+                   bool(entry.get("certified")), focus_of(entry), entry.get("rerank"))
 
 
 def fitted_nlist(n_train: int) -> int:
@@ -175,6 +181,21 @@ def deskew_pca_ivf_recipe(n_train: int, dimension: int) -> Recipe:
                   focus_grid={"nprobe": _within(grid, [4, 16, 64])})
 
 
+def deskew_idm_recipe(n_train: int, dimension: int) -> Recipe:
+    """deskew-pca-ivf's candidates re-ranked by the image distortion model (idm.py): the
+    pool of nearest re-ranked and the gate that answers unanimous queries directly were
+    chosen on held-out training rows (bench/choose_idm.py), never on a test set."""
+    _needs_images("deskew-idm", dimension)
+    nlist = fitted_nlist(n_train)
+    return Recipe("deskew-idm", f"{DESKEW_PCA},IVF{nlist},Flat", {"nlist": nlist},
+                  dict(IDM_DEFAULTS, nprobe=min(IDM_DEFAULTS["nprobe"], nlist)),
+                  {"pool": [25, 50, 100], "gate": [5, 7, 10]},
+                  pipeline=("deskew",), rank_space="index",
+                  focus_grid={"pool": [100], "gate": [7]}, rerank="idm")
+
+
+# chosen by bench/choose_idm.py on held-out training rows of the seed split
+IDM_DEFAULTS = {"nprobe": 16, "pool": 100, "gate": 7, "k": 1}
 CANDIDATES_GRID = [16, 24, 32, 48, 64]
 
 
@@ -220,7 +241,7 @@ BUILTIN: dict[str, Callable[[int, int], Recipe]] = {
     "flat": flat_recipe, "ivf": ivf_recipe, "hnsw": hnsw_recipe,
     "exact-pca": exact_pca_recipe, "pca-hnsw": pca_hnsw_recipe, "pca-ivf": pca_ivf_recipe,
     "deskew-flat": deskew_flat_recipe, "deskew-pca-hnsw": deskew_pca_hnsw_recipe,
-    "deskew-pca-ivf": deskew_pca_ivf_recipe}
+    "deskew-pca-ivf": deskew_pca_ivf_recipe, "deskew-idm": deskew_idm_recipe}
 DEFAULT_RECIPES = ("flat", "ivf", "hnsw")
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})=(?P<factory>.+)$")
 

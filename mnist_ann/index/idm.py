@@ -1,0 +1,269 @@
+"""The image distortion model (IDM, Keysers et al., IEEE PAMI 2007): a distance between two
+digits that lets every pixel of the training digit move up to `warp` pixels to match the
+query, compared on the 3x3 context of Sobel gradients around each pixel.
+
+    IDM(q, t) = sum over query pixels p of  min over |d| <= warp of  ||C_q(p) - C_t(p + d)||²
+
+where C(p) is the 3x3 neighbourhood of both gradient channels at p (18 numbers). The
+training image is warped onto the query (the reverse loses a point of accuracy).
+
+`idm_distances_reference` is the plain definition, for the tests; `idm_distances` is the
+fast kernel (numba when installed, else vectorised numpy), checked against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SIDE = 28
+WARP = 2
+CONTEXT = 1  # a 3x3 context
+
+
+def gradient_features(images: np.ndarray) -> np.ndarray:
+    """Sobel gradients [n, 2, 28, 28] float32 of images [n, 784] (or [n, 28, 28])."""
+    pixels = images.reshape(-1, SIDE, SIDE).astype(np.float32) / 255.0
+    padded = np.pad(pixels, ((0, 0), (1, 1), (1, 1)))
+    rows = padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]  # smoothed down the rows
+    cols = padded[:, :, :-2] + 2 * padded[:, :, 1:-1] + padded[:, :, 2:]
+    gx = rows[:, :, 2:] - rows[:, :, :-2]
+    gy = cols[:, 2:, :] - cols[:, :-2, :]
+    return np.ascontiguousarray(np.stack([gx, gy], axis=1), dtype=np.float32)
+
+
+def contexts(features: np.ndarray) -> np.ndarray:
+    """Each pixel's 3x3 context of both channels: [n, 28, 28, 18] (zero outside)."""
+    n = len(features)
+    padded = np.pad(features, ((0, 0), (0, 0), (CONTEXT, CONTEXT), (CONTEXT, CONTEXT)))
+    parts = [padded[:, :, dy:dy + SIDE, dx:dx + SIDE] for dy in range(2 * CONTEXT + 1)
+             for dx in range(2 * CONTEXT + 1)]
+    return np.stack(parts, axis=-1).transpose(0, 2, 3, 1, 4).reshape(n, SIDE, SIDE, -1)
+
+
+def idm_distances_reference(query: np.ndarray, train: np.ndarray,
+                            warp: int = WARP) -> np.ndarray:
+    """IDM of one query's features [2, 28, 28] to each of train [m, 2, 28, 28], by the
+    definition, pixel by pixel (slow; for the tests)."""
+    q = contexts(query[None])[0]
+    t = contexts(train)
+    out = np.zeros(len(train), np.float64)
+    for c in range(len(train)):
+        total = 0.0
+        for y in range(SIDE):
+            for x in range(SIDE):
+                best = np.inf
+                for dy in range(-warp, warp + 1):
+                    for dx in range(-warp, warp + 1):
+                        ty, tx = y + dy, x + dx
+                        if 0 <= ty < SIDE and 0 <= tx < SIDE:
+                            best = min(best, float(((q[y, x] - t[c, ty, tx]) ** 2).sum()))
+                total += best
+        out[c] = total
+    return out
+
+
+def _idm_numpy(query: np.ndarray, train: np.ndarray, warp: int) -> np.ndarray:
+    q = contexts(query[None])[0]  # [28, 28, 18]
+    t = contexts(train)  # [m, 28, 28, 18]
+    big = np.float32(np.inf)
+    padded = np.pad(t, ((0, 0), (warp, warp), (warp, warp), (0, 0)))
+    inside = np.pad(np.ones((SIDE, SIDE), bool), warp)
+    best = np.full((len(train), SIDE, SIDE), big, np.float32)
+    for dy in range(2 * warp + 1):
+        for dx in range(2 * warp + 1):
+            shifted = padded[:, dy:dy + SIDE, dx:dx + SIDE]
+            cost = ((shifted - q) ** 2).sum(-1)
+            cost[:, ~inside[dy:dy + SIDE, dx:dx + SIDE]] = big
+            np.minimum(best, cost, out=best)
+    return best.sum((1, 2), dtype=np.float64)
+
+
+def _make_numba_kernel():
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    # fastmath lets LLVM vectorise the 18-term sums (their order changes in the last bits)
+    @numba.njit(cache=True, nogil=True, fastmath=True)
+    def kernel(query_context, train, rows, warp, out):  # pragma: no cover - compiled
+        side = train.shape[2]
+        channels = train.shape[1]
+        width = query_context.shape[2]
+        padded = np.zeros((channels, side + 2, side + 2), np.float32)
+        context = np.empty((side, side, width), np.float32)
+        for c in range(rows.shape[0]):
+            t = train[rows[c]]
+            for ch in range(channels):
+                for y in range(side):
+                    for x in range(side):
+                        padded[ch, y + 1, x + 1] = t[ch, y, x]
+            for y in range(side):  # the training image's 3x3 contexts, as the query's
+                for x in range(side):
+                    k = 0
+                    for ch in range(channels):
+                        for cy in range(3):
+                            for cx in range(3):
+                                context[y, x, k] = padded[ch, y + cy, x + cx]
+                                k += 1
+            total = 0.0
+            for y in range(side):
+                for x in range(side):
+                    q = query_context[y, x]
+                    best = np.float32(np.inf)
+                    for ty in range(max(0, y - warp), min(side, y + warp + 1)):
+                        for tx in range(max(0, x - warp), min(side, x + warp + 1)):
+                            other = context[ty, tx]
+                            cost = np.float32(0.0)
+                            for k in range(width):
+                                d = q[k] - other[k]
+                                cost += d * d
+                            best = min(best, cost)
+                    total += best
+            out[c] = total
+
+    return kernel
+
+
+_KERNEL = None
+_KERNEL_TRIED = False
+
+
+def fast_kernel():
+    """The compiled kernel, or None without numba (compiled once per process, cached)."""
+    global _KERNEL, _KERNEL_TRIED
+    if not _KERNEL_TRIED:
+        _KERNEL, _KERNEL_TRIED = _make_numba_kernel(), True
+    return _KERNEL
+
+
+def idm_distances(query: np.ndarray, train: np.ndarray, rows: np.ndarray,
+                  warp: int = WARP) -> np.ndarray:
+    """IDM of one query's features [2, 28, 28] to the training features train[rows]."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    kernel = fast_kernel()
+    if kernel is None:
+        return _idm_numpy(query, train[rows], warp)
+    out = np.empty(len(rows), np.float64)
+    kernel(np.ascontiguousarray(contexts(query[None])[0], np.float32), train, rows, warp, out)
+    return out
+
+
+# --- the re-rank stage ---------------------------------------------------------------------
+
+POOL, GATE, VOTE_K = "pool", "gate", "k"
+MAX_POOL = 2000
+
+
+class IdmSearcher:
+    """Candidates from a base searcher, re-ranked by IDM over the deskewed digits' gradients.
+
+    Parameters: `pool`, how many of the base searcher's nearest are re-ranked; `gate` m: a
+    query whose first m candidates all carry one label is answered directly from the base
+    searcher's k nearest (their distances are then the base space's), since the re-rank
+    could hardly change its vote (gate = pool could not change it at all); the base
+    searcher's own (nprobe, ...). Re-ranked queries' neighbours come ordered by (IDM
+    distance, training row), with IDM distances. `stats_name`: how the CLI labels the
+    counts of gated and re-ranked queries.
+    """
+
+    stats_name = "idm"
+
+    def __init__(self, base, train_pixels: np.ndarray, labels: np.ndarray,
+                 defaults: dict, name: str) -> None:
+        from mnist_ann.data.pipeline import deskew
+
+        # the base searcher keeps its own defaults (nprobe, ...), not the re-rank's
+        self.base = base.with_defaults({key: value for key, value in defaults.items()
+                                        if key not in (POOL, GATE, VOTE_K)})
+        self.default_k = defaults.get(VOTE_K)  # chosen with the pool and the gate
+        self.name, self.space = name, base.space
+        self.labels = np.asarray(labels)
+        self.defaults = dict(defaults)
+        self.features = gradient_features(deskew(train_pixels))
+        self._prepared: dict = {}
+        if fast_kernel() is not None:  # compiled (or read from numba's cache) on load
+            idm_distances(self.features[0], self.features, np.zeros(1, np.int64))
+
+    @property
+    def ntotal(self) -> int:
+        return self.base.ntotal
+
+    def __repr__(self) -> str:
+        return f"IdmSearcher({self.name!r}, {self.parameters()})"
+
+    def with_defaults(self, defaults: dict) -> IdmSearcher:
+        import copy
+
+        other = copy.copy(self)
+        other.defaults, other._prepared = dict(defaults), {}
+        other.base = self.base.with_defaults({key: value for key, value in defaults.items()
+                                              if key not in (POOL, GATE, VOTE_K)})
+        other.default_k = defaults.get(VOTE_K)
+        return other
+
+    def parameters(self, overrides=None) -> dict:
+        from mnist_ann.errors import InvalidArgument
+
+        merged = {**self.defaults, **(overrides or {})}
+        merged.pop(VOTE_K, None)  # the classifier's, not a search parameter
+        own = {key: merged.pop(key) for key in (POOL, GATE) if key in merged}
+        checked = self.base.parameters(merged)
+        for key, value in own.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError, OverflowError):
+                raise InvalidArgument(f"search parameter {key}={value!r} is not a number") \
+                    from None
+            top = min(MAX_POOL, self.ntotal)
+            if not (1 <= number <= top and number.is_integer()):
+                raise InvalidArgument(f"search parameter {key}={value!r} must be a whole "
+                                      f"number of at least 1 and at most {top}")
+            checked[key] = int(number)
+        checked.setdefault(POOL, 50)
+        checked.setdefault(GATE, checked[POOL])
+        checked.pop("candidates", None)
+        return checked
+
+    def search(self, queries: np.ndarray, k: int, params=None):
+        import faiss
+
+        from mnist_ann.data.pipeline import deskew
+        from mnist_ann.index.neighbours import Neighbours, check_k
+        from mnist_ann.index.space import pixel_queries
+
+        checked = self.parameters(params)
+        k = check_k(k, self.ntotal)
+        pool, gate = max(checked[POOL], k), checked[GATE]
+        base_params = {key: value for key, value in checked.items() if key not in (POOL, GATE)}
+        found = self.base.search(queries, pool, {**base_params, "candidates": pool})
+        first = self.labels[np.maximum(found.rows[:, :gate], 0)]
+        gated = ((first == first[:, :1]) & (found.rows[:, :gate] >= 0)).all(axis=1)
+        rows = found.rows[:, :k].copy()
+        distances = found.distances[:, :k].astype(np.float64)
+        todo = np.flatnonzero(~gated)
+        if len(todo):
+            query_features = gradient_features(deskew(pixel_queries(queries)[todo]))
+
+            def rerank(part: np.ndarray) -> None:
+                for j in part:
+                    i = todo[j]
+                    candidates = found.rows[i][found.rows[i] >= 0]
+                    scores = idm_distances(query_features[j], self.features, candidates)
+                    order = np.lexsort((candidates, scores))[:k]
+                    rows[i] = -1
+                    distances[i] = np.inf
+                    rows[i, :len(order)] = candidates[order]
+                    distances[i, :len(order)] = scores[order]
+
+            workers = min(faiss.omp_get_max_threads(), len(todo))
+            parts = np.array_split(np.arange(len(todo)), workers)
+            if workers > 1:  # the kernel releases the GIL: the caller's threads, as FAISS's
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(workers) as pool_of_threads:
+                    list(pool_of_threads.map(rerank, parts))
+            else:
+                rerank(parts[0])
+        return Neighbours(rows, distances, {"gated": int(gated.sum()),
+                                            "reranked": len(todo)})
