@@ -81,6 +81,11 @@ class Classification:
     stats: dict = field(default_factory=dict)
 
     @property
+    def confidence(self) -> np.ndarray:
+        """Each prediction's confidence in [0, 1]: the winning label's share of the vote."""
+        return self.proba.max(axis=1)
+
+    @property
     def queries_per_second(self) -> float:
         return len(self.predictions) / self.seconds if self.seconds > 0 else float("inf")
 

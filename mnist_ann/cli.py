@@ -284,6 +284,9 @@ query_k_option = click.option("-k", "k", type=int, default=None,
               default=None, help="Write predictions here (.parquet or .csv).")
 @click.option("--confusion", "confusion_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the confusion-matrix heatmap here (PNG).")
+@click.option("--reject-below", "reject_below", type=click.FloatRange(0, 1), default=None,
+              help="Reject predictions whose confidence (the winner's share of the vote) is "
+                   "under this; the summary gains coverage and accepted_accuracy.")
 @threads_option
 @store_option
 @quiet_option
@@ -291,8 +294,8 @@ query_k_option = click.option("-k", "k", type=int, default=None,
 def query(collection_name: str, index_name: str, k: int, params: dict, weights: str,
           input_path: Path | None, normalize_mode: str, labels_path: Path | None,
           output_path: Path | None,
-          confusion_path: Path | None, threads: int | None, store: Path | None, quiet: bool,
-          as_json: bool) -> None:
+          confusion_path: Path | None, reject_below: float | None, threads: int | None,
+          store: Path | None, quiet: bool, as_json: bool) -> None:
     """Classify images by a vote of their k nearest neighbours in an index."""
     from mnist_ann.data.queries import Queries, check_output_path, read_queries
 
@@ -325,11 +328,18 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
     if queries.labels is not None:
         correct = int((result.predictions == queries.labels).sum())
         summary |= {"accuracy": correct / len(queries.labels), "correct": correct}
+    rejected = None
+    if reject_below is not None:
+        from mnist_ann.evaluation.metrics import rejection
+
+        summary |= rejection(result.confidence, result.predictions, queries.labels,
+                             reject_below)
+        rejected = result.confidence < reject_below
     if output_path is not None:
         from mnist_ann.data.queries import write_predictions
 
         write_predictions(output_path, queries, result.predictions, result.neighbour_ids,
-                          result.neighbours.distances)
+                          result.neighbours.distances, result.confidence, rejected)
         log(f"predictions written to {output_path}")
     if confusion_path is not None:
         from mnist_ann.evaluation.metrics import confusion_matrix

@@ -333,3 +333,38 @@ def test_neighbours_an_index_cannot_find_are_marked_missing(isolated: Path) -> N
     assert missing.any()  # one list of about 45 rows cannot hold 60 neighbours
     assert (found.distances[missing] == MISSING).all()
     assert (found.distances[~missing] >= 0).all()
+
+
+# --- confidence and rejection --------------------------------------------------------------
+
+def test_rejection_arithmetic() -> None:
+    from mnist_ann.evaluation.metrics import rejection
+
+    confidence = np.array([1.0, 0.9, 0.5, 0.4, 1.0])
+    predicted = np.array([1, 2, 3, 4, 5])
+    truth = np.array([1, 0, 3, 4, 0])
+    summary = rejection(confidence, predicted, truth, 0.5)
+    assert summary == {"reject_below": 0.5, "accepted": 4, "rejected": 1, "coverage": 0.8,
+                       "accepted_accuracy": 0.5, "accepted_error": 0.5}
+    assert rejection(confidence, predicted, truth, 1.01)["accepted_accuracy"] == 1.0
+    assert "accepted_accuracy" not in rejection(confidence, predicted, None, 0.5)
+
+
+def test_query_rejects_unsure_predictions(built: Collection, tmp_path: Path) -> None:
+    import csv
+
+    out = tmp_path / "out.csv"
+    result = run_cli("query", *SYN, "--index", "flat", "--reject-below", "0.8", "--json",
+                     "--output", out)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    classification = built.classifier("flat").classify(built.test().pixels)
+    accepted = classification.confidence >= 0.8
+    assert summary["accepted"] == accepted.sum() and summary["coverage"] == accepted.mean()
+    expected = (classification.predictions == built.test().labels)[accepted].mean()
+    assert summary["accepted_accuracy"] == pytest.approx(expected)
+    rows = list(csv.DictReader(out.open()))
+    assert [row["rejected"] == "True" for row in rows] == (~accepted).tolist()
+    assert [float(row["confidence"]) for row in rows] == pytest.approx(
+        classification.confidence.tolist(), abs=1e-6)
+    assert_clean_error(run_cli("query", *SYN, "--reject-below", "1.5"), 2, "1.5")

@@ -123,9 +123,12 @@ def check_output_path(path: Path) -> None:
 
 
 def write_predictions(path: Path, queries: Queries, predictions: np.ndarray,
-                      neighbour_ids: np.ndarray, distances: np.ndarray) -> None:
-    """One row per query: name, predicted label, true label if known, neighbours, distances
-    (squared, in the index's ranking space; -1 where no neighbour was found)."""
+                      neighbour_ids: np.ndarray, distances: np.ndarray,
+                      confidence: np.ndarray | None = None,
+                      rejected: np.ndarray | None = None) -> None:
+    """One row per query: name, predicted label, true label if known, confidence and whether
+    it was rejected (when given), neighbours, distances (squared, in the index's ranking
+    space; -1 where no neighbour was found)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -138,6 +141,10 @@ def write_predictions(path: Path, queries: Queries, predictions: np.ndarray,
         columns = {"query": pa.array(queries.names), "predicted": pa.array(predictions)}
         if queries.labels is not None:
             columns["label"] = pa.array(queries.labels)
+        if confidence is not None:
+            columns["confidence"] = pa.array(confidence, pa.float64())
+        if rejected is not None:
+            columns["rejected"] = pa.array(rejected, pa.bool_())
         columns["neighbors"] = pa.FixedSizeListArray.from_arrays(
             pa.array(neighbour_ids.ravel(), pa.int64()), k)
         columns["distances"] = pa.FixedSizeListArray.from_arrays(
@@ -146,12 +153,16 @@ def write_predictions(path: Path, queries: Queries, predictions: np.ndarray,
             pq.write_table(pa.table(columns), tmp)
         return
     k = neighbour_ids.shape[1]
-    header = ["query", "predicted", *(["label"] if queries.labels is not None else []),
+    extra = (["confidence"] if confidence is not None else []) + \
+        (["rejected"] if rejected is not None else [])
+    header = ["query", "predicted", *(["label"] if queries.labels is not None else []), *extra,
               *(f"neighbor_{i + 1}" for i in range(k)), *(f"distance_{i + 1}" for i in range(k))]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for i in range(len(predictions)):
             label = [int(queries.labels[i])] if queries.labels is not None else []
-            writer.writerow([queries.names[i], int(predictions[i]), *label,
+            more = ([round(float(confidence[i]), 6)] if confidence is not None else []) + \
+                ([bool(rejected[i])] if rejected is not None else [])
+            writer.writerow([queries.names[i], int(predictions[i]), *label, *more,
                              *neighbour_ids[i].tolist(), *shown[i].tolist()])

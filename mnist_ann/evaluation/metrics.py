@@ -38,3 +38,18 @@ def latency_summary(seconds: np.ndarray) -> dict:
     """Percentiles of per-query latencies, in milliseconds."""
     milliseconds = np.asarray(seconds) * 1e3
     return {f"p{p}_ms": float(np.percentile(milliseconds, p)) for p in (50, 95, 99)}
+
+
+def rejection(confidence: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None,
+              threshold: float) -> dict:
+    """Predictions with confidence under `threshold` rejected: how many are kept (coverage)
+    and, with labels, the accuracy of those kept (1 when none are)."""
+    accepted = confidence >= threshold
+    summary = {"reject_below": threshold, "accepted": int(accepted.sum()),
+               "rejected": int((~accepted).sum()),
+               "coverage": float(accepted.mean()) if len(accepted) else 0.0}
+    if truth is not None:
+        right = predicted[accepted] == truth[accepted]
+        summary["accepted_accuracy"] = float(right.mean()) if accepted.any() else 1.0
+        summary["accepted_error"] = 1.0 - summary["accepted_accuracy"]
+    return summary
