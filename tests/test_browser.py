@@ -109,8 +109,9 @@ def test_drawing_a_digit_shows_its_prediction_and_neighbours(page, server, digit
     assert len(neighbours) == 7 and all(src.startswith(base + "/v1/digits/")
                                         for _, src in neighbours)
     # the neighbours' pictures loaded from the server
-    assert page.evaluate("[...document.querySelectorAll('#neighbours img')]"
-                         ".every(img => img.complete && img.naturalWidth === 28)")
+    page.wait_for_function("[...document.querySelectorAll('#neighbours img')]"
+                           ".every(img => img.complete && img.naturalWidth === 28)",
+                           timeout=10_000)
     # the page shows what the API answers for the same drawing
     answer = service.classify_image(canvas_png(page), "image/png", "hnsw", 7, {}, "canvas")
     assert str(answer["prediction"]) == prediction

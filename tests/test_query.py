@@ -151,7 +151,8 @@ def test_every_input_format_gives_the_same_predictions(built: Collection, tmp_pa
     inputs = [["--input", tmp_path / "q.parquet"], ["--input", tmp_path / "unlabelled.parquet"],
               ["--input", tmp_path / "flat.npy"], ["--input", tmp_path / "square.npy"],
               ["--input", tmp_path / "images.idx", "--labels", tmp_path / "labels.idx"],
-              ["--input", tmp_path / "png"]]
+              # the synthetic digits are noise to the eye, not white on black: as they are
+              ["--input", tmp_path / "png", "--normalize", "none"]]
     for number, args in enumerate(inputs):
         out = tmp_path / f"out{number}.parquet"
         result = run_cli("query", *SYN, *args, "--output", out, "--json")
@@ -182,8 +183,10 @@ def test_output_rows_carry_mnist_ids_and_exact_distances(built: Collection,
             assert int((diff * diff).sum()) == distance
     with open(out_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["query", "predicted", "label", "neighbor_1", "neighbor_2",
-                             "neighbor_3", "distance_1", "distance_2", "distance_3"]
+    assert list(rows[0]) == ["query", "predicted", "label", "confidence", "neighbor_1",
+                             "neighbor_2", "neighbor_3", "distance_1", "distance_2",
+                             "distance_3"]
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(table["confidence"])
     assert [int(r["neighbor_2"]) for r in rows] == [n[1] for n in table["neighbors"]]
     assert [int(r["predicted"]) for r in rows] == table["predicted"]
 
