@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--collection", default="seed")
     parser.add_argument("--held-out", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--nprobe", type=int, default=None,
+                        help="the candidate stage's nprobe [default: the recipe's]")
     parser.add_argument("--budget", type=float, default=15.0,
                         help="most IDM comparisons a query may average")
     args = parser.parse_args()
@@ -50,8 +52,10 @@ def main() -> None:
     held = np.sort(rng.choice(len(train.ids), args.held_out, replace=False))
     started = time.perf_counter()
     with faiss_threads(args.threads):
-        found = idm.base.search(train.pixels[held], max(POOLS) + 1,
-                                {"candidates": max(POOLS) + 1})
+        base = {"candidates": max(POOLS) + 1}
+        if args.nprobe:
+            base["nprobe"] = args.nprobe
+        found = idm.base.search(train.pixels[held], max(POOLS) + 1, base)
     rows = np.array([r[r != own][:max(POOLS)] for r, own in zip(found.rows, held, strict=True)])
     features = gradient_features(deskew(train.pixels[held]))
 
