@@ -475,12 +475,16 @@ def info(names: tuple[str, ...], store: Path | None, as_json: bool) -> None:
 @json_option
 def verify(names: tuple[str, ...], store: Path | None, as_json: bool) -> None:
     """Check every file of the collections against their manifests and build records."""
-    from mnist_ann.store.collection import MANIFEST, Collection, resolve_store, validate_name
+    from mnist_ann.store.collection import (
+        MANIFEST,
+        Collection,
+        collection_names,
+        resolve_store,
+        validate_name,
+    )
 
     store_path = resolve_store(store)
-    if not names and store_path.is_dir():
-        names = tuple(child.name for child in sorted(store_path.iterdir())
-                      if (child / MANIFEST).is_file())
+    names = names or tuple(collection_names(store_path))
     if not names:
         raise click.ClickException(f"no collections in {store_path}; create one with "
                                    "`mnist-ann build`")

@@ -423,12 +423,17 @@ def check_build_record(collection: Collection, name: str, entry: dict) -> None:
                 f"after the build); restore the manifest or {rebuild}")
 
 
-def list_collections(store: Path) -> list[Collection]:
+def collection_names(store: Path) -> list[str]:
+    """The folders of `store` that hold a manifest, sorted (whether or not it is sound)."""
     if not store.is_dir():
         return []
+    return [child.name for child in sorted(store.iterdir()) if (child / MANIFEST).is_file()]
+
+
+def list_collections(store: Path) -> list[Collection]:
+    """The collections of `store` that open (a damaged manifest is `verify`'s business)."""
     found = []
-    for child in sorted(store.iterdir()):
-        if (child / MANIFEST).is_file():
-            with contextlib.suppress(MnistAnnError):
-                found.append(Collection.open(store, child.name))
+    for name in collection_names(store):
+        with contextlib.suppress(MnistAnnError):
+            found.append(Collection.open(store, name))
     return found
