@@ -14,6 +14,10 @@ from pathlib import Path
 
 from mnist_ann.errors import DataError
 
+
+class UnreadableImage(DataError):
+    """The bytes are not an image of the expected formats, or its data is damaged."""
+
 # a photo of a digit needs no more: 40 megapixels is a 12,000 x 3,300 image, 160 MB as RGBA
 MAX_IMAGE_PIXELS = 40_000_000
 
@@ -32,7 +36,8 @@ def open_image(source: Path | object, formats: tuple[str, ...], what: str,
         raise DataError(f"{what}: the image claims more pixels than mnist-ann decodes "
                         f"({max_pixels:,} at most)") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{what}: not a readable {' or '.join(formats)} image ({exc})") from exc
+        raise UnreadableImage(f"{what}: not a readable {' or '.join(formats)} image "
+                              f"({exc})") from exc
     with image:
         width, height = image.size
         if width * height > max_pixels or width < 1 or height < 1:
@@ -46,7 +51,8 @@ def load_pixels(image: object, what: str) -> object:
     try:
         image.load()
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{what}: the image data is damaged or truncated ({exc})") from exc
+        raise UnreadableImage(f"{what}: the image data is damaged or truncated ({exc})") \
+            from exc
     return image
 
 

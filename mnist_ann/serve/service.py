@@ -21,8 +21,8 @@ import numpy as np
 
 from mnist_ann.api import Collection
 from mnist_ann.classify import Classifier, shares
-from mnist_ann.data.images import png_bytes
-from mnist_ann.data.mnist import N_PIXELS
+from mnist_ann.data.images import UnreadableImage, png_bytes
+from mnist_ann.data.mnist import N_PIXELS, to_uint8_pixels
 from mnist_ann.data.normalize import MODES, normalize
 from mnist_ann.errors import DataError, InvalidArgument, MnistAnnError
 from mnist_ann.index.neighbours import Neighbours
@@ -60,16 +60,15 @@ class Request:
     index: str
     k: int
     params: dict
-    normalized: list[dict] | None = None  # what normalisation did, for uploaded images
+    checked: dict  # params with the index's defaults, as checked against it
 
 
 def exhaustive(entry: dict) -> bool:
     """An index that compares every query with every training row (no IVF lists, no graph):
     many queries at once cost it little more than one, one pass over the rows in BLAS."""
-    from mnist_ann.index.layers import describe_factory
+    from mnist_ann.index.layers import is_exhaustive, make_factory_index
 
-    kind = describe_factory(entry["factory"], N_PIXELS)
-    return kind["nlist"] is None and not kind["hnsw"]
+    return is_exhaustive(make_factory_index(N_PIXELS, entry["factory"]))
 
 
 class GatheredSearch:
@@ -204,10 +203,10 @@ class ClassifyService:
         started = time.perf_counter()
         try:
             result = normalize(data, mode, "the upload", (IMAGE_TYPES[kind],))
+        except UnreadableImage as exc:
+            raise Problem(415, "Not an image", str(exc)) from None
         except DataError as exc:
-            unreadable = "not a readable" in str(exc) or "damaged" in str(exc)
-            raise (Problem(415, "Not an image", str(exc)) if unreadable
-                   else unprocessable(str(exc))) from None
+            raise unprocessable(str(exc)) from None
         normalize_ms = (time.perf_counter() - started) * 1000
         request = self.request(result.pixels.reshape(1, N_PIXELS), index, k, params)
         answer = self.classify(request)[0]
@@ -238,10 +237,10 @@ class ClassifyService:
         if not isinstance(params, dict):
             raise unprocessable("params must be an object such as {\"efSearch\": 64}")
         try:
-            self.classifiers[index].searcher.parameters(params)
+            checked = self.classifiers[index].searcher.parameters(params)
         except MnistAnnError as exc:
             raise unprocessable(str(exc)) from None
-        return Request(pixels, index, k, dict(params))
+        return Request(pixels, index, k, dict(params), checked)
 
     def classify(self, request: Request) -> list[dict]:
         classifier = self.classifiers[request.index]
@@ -256,7 +255,6 @@ class ClassifyService:
         search_ms = (time.perf_counter() - started) * 1000
         proba = shares(scores)
         winners = np.argmax(scores, axis=1)
-        params = classifier.searcher.parameters(request.params)
         labels = self._digits.train_labels
         ids = self._digits.train_ids
         distances = found.distances.tolist()  # Python ints in integer spaces, floats otherwise
@@ -274,7 +272,7 @@ class ClassifyService:
                           for label, score in zip(classifier.classes, scores[i], strict=True)
                           if score > 0},
                 "neighbours": neighbours, "index": request.index, "k": request.k,
-                "params": params, "timings": {"search_ms": round(search_ms, 3),
+                "params": request.checked, "timings": {"search_ms": round(search_ms, 3),
                                               "batch": len(winners)}})
         return results
 
@@ -318,12 +316,10 @@ def as_pixels(value: object, what: str) -> np.ndarray:
         raise unprocessable(f"{what} has {array.size} values; expected {N_PIXELS} (28x28)")
     if array.dtype.kind not in "iuf":  # strings, booleans, nulls and objects are not pixels
         raise unprocessable(f"{what}: every pixel must be a number 0..255")
-    if array.dtype.kind == "f" and not (np.isfinite(array).all()
-                                        and np.array_equal(array, np.floor(array))):
-        raise unprocessable(f"{what}: pixels must be whole numbers 0..255")
-    if array.min() < 0 or array.max() > 255:
-        raise unprocessable(f"{what}: pixels must be whole numbers 0..255")
-    return array.astype(np.uint8)
+    try:
+        return to_uint8_pixels(array, what)
+    except DataError as exc:
+        raise unprocessable(str(exc)) from None
 
 
 def too_large(limit: int) -> Problem:
