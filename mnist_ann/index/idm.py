@@ -203,23 +203,15 @@ class IdmSearcher:
         return other
 
     def parameters(self, overrides=None) -> dict:
-        from mnist_ann.errors import InvalidArgument
+        from mnist_ann.index.params import check_parameter
 
         merged = {**self.defaults, **(overrides or {})}
         merged.pop(VOTE_K, None)  # the classifier's, not a search parameter
         own = {key: merged.pop(key) for key in (POOL, GATE) if key in merged}
         checked = self.base.parameters(merged)
+        top = min(MAX_POOL, self.ntotal)
         for key, value in own.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError, OverflowError):
-                raise InvalidArgument(f"search parameter {key}={value!r} is not a number") \
-                    from None
-            top = min(MAX_POOL, self.ntotal)
-            if not (1 <= number <= top and number.is_integer()):
-                raise InvalidArgument(f"search parameter {key}={value!r} must be a whole "
-                                      f"number of at least 1 and at most {top}")
-            checked[key] = int(number)
+            checked[key] = check_parameter(key, value, int, top, "the most IDM re-ranks")
         checked.setdefault(POOL, 50)
         checked.setdefault(GATE, checked[POOL])
         checked.pop("candidates", None)

@@ -69,19 +69,24 @@ def check_search_parameters(index: faiss.Index, params: Mapping, label: str,
             takes = ", ".join(sorted(known)) or "no search parameters"
             raise InvalidArgument(f"{label} does not take search parameter {name!r}; it takes "
                                   f"{takes}")
-        kind = known[name]
-        try:
-            number = float(value)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidArgument(f"search parameter {name}={value!r} is not a number") from exc
-        whole = "a whole number " if kind is int else "a number "
-        top, why = limits.get(name, (float("inf"), ""))
-        if not (1 <= number <= top) or (kind is int and not number.is_integer()):
-            most = f" and at most {top:g} ({why})" if top != float("inf") else ""
-            raise InvalidArgument(f"search parameter {name}={value!r} must be {whole}of at "
-                                  f"least 1{most}")
-        checked[name] = kind(number)
+        checked[name] = check_parameter(name, value, known[name],
+                                        *limits.get(name, (float("inf"), "")))
     return checked
+
+
+def check_parameter(name: str, value: object, kind: type, top: float = float("inf"),
+                    why: str = "") -> int | float:
+    """One search parameter's value: a number (whole for `kind` int) from 1 to `top`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"search parameter {name}={value!r} is not a number") from exc
+    whole = "a whole number " if kind is int else "a number "
+    if not (1 <= number <= top) or (kind is int and not number.is_integer()):
+        most = f" and at most {top:g} ({why})" if top != float("inf") else ""
+        raise InvalidArgument(f"search parameter {name}={value!r} must be {whole}of at "
+                              f"least 1{most}")
+    return kind(number)
 
 
 def make_search_parameters(index: faiss.Index, params: Mapping) -> faiss.SearchParameters | None:
