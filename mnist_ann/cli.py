@@ -568,21 +568,22 @@ def normalize(images: tuple[Path, ...], out: Path, normalize_mode: str, quiet: b
     import numpy as np
 
     from mnist_ann.data.images import png_bytes
-    from mnist_ann.data.normalize import image_files, read_grey
-    from mnist_ann.data.normalize import normalize as normalize_image
+    from mnist_ann.data.normalize import image_files, normalize_grey, read_grey
     from mnist_ann.fileio import write_bytes
     from mnist_ann.render.plots import before_after_grid
 
     log = stderr_log(quiet)
     files = image_files(list(images))
-    results = [normalize_image(path, normalize_mode, str(path)) for path in files]
+    read = [read_grey(path, str(path)) for path in files]  # each decoded once, for both uses
+    results = [normalize_grey(grey, alpha, normalize_mode, str(path))
+               for path, (grey, alpha) in zip(files, read, strict=True)]
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for path, result in zip(files, results, strict=True):
         target = out / f"{path.stem}.png"
         write_bytes(target, png_bytes(result.pixels))
         records.append({"file": str(path), "out": str(target), **result.record})
-    before_after_grid([read_grey(path, str(path))[0] for path in files],
+    before_after_grid([grey for grey, _ in read],
                       np.stack([r.pixels for r in results]), [p.name for p in files],
                       out / "before-after.png")
     log(f"{len(files)} images normalised into {out}; look at {out / 'before-after.png'}")

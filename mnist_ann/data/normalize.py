@@ -58,10 +58,16 @@ def normalize(source: Path | bytes | np.ndarray, mode: str = "auto", what: str =
     transparency is a canvas; anything else a photo). A file must hold the format its
     suffix names; bytes one of `formats`.
     """
-    if mode not in MODES:
-        raise InvalidArgument(f"normalisation {mode!r} is not one of {', '.join(MODES)}")
     grey, alpha = (as_grey_array(source, what) if isinstance(source, np.ndarray)
                    else read_grey(source, what, formats))
+    return normalize_grey(grey, alpha, mode, what)
+
+
+def normalize_grey(grey: np.ndarray, alpha: np.ndarray | None, mode: str = "auto",
+                   what: str = "image") -> Normalized:
+    """`normalize` of pixels already read: float grey 0..255 and the alpha, if any."""
+    if mode not in MODES:
+        raise InvalidArgument(f"normalisation {mode!r} is not one of {', '.join(MODES)}")
     if mode == "auto":
         mode = auto_mode(grey, alpha)
     record: dict = {"mode": mode, "size": [int(grey.shape[1]), int(grey.shape[0])]}
