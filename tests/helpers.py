@@ -161,6 +161,28 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
+def wait_for_line(stream, text: str, timeout: float) -> str:
+    """Read `stream` line by line until a line containing `text`; return what was read.
+    Fails the test after `timeout` seconds or at the end of the stream."""
+    import threading
+
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            lines.append(line)
+            if text in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert found.is_set(), f"no line with {text!r} in {timeout} s: {''.join(lines)}"
+    return "".join(lines)
+
+
 def one_error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("Error")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr

@@ -22,6 +22,7 @@ from helpers import (
     one_error_line,
     run_cli,
     tree,
+    wait_for_line,
 )
 
 from mnist_ann.api import Collection
@@ -87,12 +88,13 @@ def test_writers_wait_for_the_lock_and_apply_both_changes(syn: Collection) -> No
     with locked(syn.root):
         processes = [cli(store, "build", "--collection", "syn", "--index", name)
                      for name in ("hnsw", "ivf")]
-        time.sleep(3)  # they get as far as the lock and wait there
+        # each builds its index, gets as far as the lock and waits there, saying so
+        said = [wait_for_line(process.stderr, "waiting for another command", timeout=240)
+                for process in processes]
         assert all(process.poll() is None for process in processes)
         assert set(json.loads((syn.root / "manifest.json").read_text())["indexes"]) == {"flat"}
     results = [finish(process) for process in processes]
-    assert all(code == 0 for code, _, _ in results), results
-    assert any("waiting for another command" in err for _, _, err in results)
+    assert all(code == 0 for code, _, _ in results), (said, results)
     assert set(assert_consistent(syn)["indexes"]) == {"flat", "hnsw", "ivf"}
 
 

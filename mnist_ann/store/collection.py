@@ -22,7 +22,14 @@ from pathlib import Path
 from mnist_ann.data.mnist import Split
 from mnist_ann.data.tables import Table, arrow_to_table, read_arrow, write_parquet
 from mnist_ann.errors import DataError, IntegrityError, InvalidArgument, MnistAnnError
-from mnist_ann.fileio import atomic_path, checkpoint, sha256_file, sha256_handle, write_json
+from mnist_ann.fileio import (
+    atomic_path,
+    checkpoint,
+    sha256_file,
+    sha256_handle,
+    temporary_name,
+    write_json,
+)
 from mnist_ann.runtime import Log, silent
 from mnist_ann.store.lock import locked
 
@@ -75,9 +82,11 @@ def ensure_writable(folder: Path) -> None:
     """Create `folder` if needed and prove a file can be written in it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / ".write-probe") as probe:
+        probe = temporary_name(folder / "write-probe")  # unique: writers probe at once
+        try:
             probe.write_bytes(b"")
-        (folder / ".write-probe").unlink()
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise MnistAnnError(f"store {folder} is not writable ({exc.strerror or exc}); choose "
                             f"another with --store or {STORE_ENV}") from exc
