@@ -372,13 +372,18 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
               help="Measure scikit-learn's KNeighborsClassifier (the study's method).")
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="Measure hnswlib when it is installed (pip install '.[peers]').")
+@click.option("--whole-set-queries", type=click.IntRange(min=0), default=10,
+              show_default=True,
+              help="Re-ranked indexes (deskew-idm): sampled queries compared with every "
+                   "training row by the re-rank distance, to check its recall (0: skip).")
 @threads_option
 @store_option
 @quiet_option
 @json_option
 def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path, full: bool,
            sample: int | None, repeats: int, latency_queries: int, baseline: bool, peers: bool,
-           threads: int | None, store: Path | None, quiet: bool, as_json: bool) -> None:
+           whole_set_queries: int, threads: int | None, store: Path | None, quiet: bool,
+           as_json: bool) -> None:
     """Sweep each index's search grid: recall, accuracy and speed, with plots and HTML."""
     from mnist_ann.evaluation.sweep import SweepSettings, evaluate, plan
     from mnist_ann.render.report import POINT_COLUMNS, format_cell, write_report
@@ -386,7 +391,8 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
     from mnist_ann.store.collection import ensure_writable
 
     collection = open_collection(store, collection_name)
-    settings = SweepSettings(k, repeats, latency_queries, check_threads(threads), full, sample)
+    settings = SweepSettings(k, repeats, latency_queries, check_threads(threads), full, sample,
+                             whole_set_queries=whole_set_queries)
     names = plan(collection, list(index_names) or None, settings)
     ensure_writable(out)
     evaluation = evaluate(collection, names, settings, baseline, peers, stderr_log(quiet),
@@ -394,7 +400,8 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
     write_report(out, evaluation)
     if as_json:
         emit({"out": str(out), "operating_points": evaluation.points,
-              "meta": evaluation.meta}, True)
+              "rejection_points": evaluation.rejections,
+              "rerank_checks": evaluation.rerank_checks, "meta": evaluation.meta}, True)
         return
     click.echo(format_table(
         [{key: format_cell(point[key]) for key in POINT_COLUMNS} for point in evaluation.points],
@@ -410,6 +417,9 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
               default=None, help="Target: recall@k at least this, e.g. 0.99.")
 @click.option("--accuracy-within", type=click.FloatRange(0, 1), default=None,
               help="Target: accuracy within this of exact search's, e.g. 0.001.")
+@click.option("--budget", type=click.FloatRange(0, min_open=True), default=None,
+              help="Target for a re-ranked index (deskew-idm): the most accurate k, pool and "
+                   "gate whose re-ranks average at most this many comparisons a query.")
 @k_option
 @click.option("--held-out", type=click.IntRange(min=10), default=2000, show_default=True,
               help="Training rows searched leave-one-out (the test set is never read).")
@@ -423,30 +433,36 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
 @quiet_option
 @json_option
 def tune(collection_name: str, index_name: str, recall_target: float | None,
-         accuracy_within: float | None, k: int, held_out: int, seed: int, repeats: int,
-         threads: int, store: Path | None, quiet: bool, as_json: bool) -> None:
-    """Record the fastest search setting that meets a target as the index's default."""
+         accuracy_within: float | None, budget: float | None, k: int, held_out: int,
+         seed: int, repeats: int, threads: int, store: Path | None, quiet: bool,
+         as_json: bool) -> None:
+    """Record the fastest search setting that meets a target as the index's default (for a
+    re-ranked index: the most accurate k, pool and gate within a budget)."""
     from mnist_ann.evaluation.sweep import format_params
     from mnist_ann.evaluation.tune import Target, tune_index
     from mnist_ann.render.report import format_cell
 
-    if (recall_target is None) == (accuracy_within is None):
-        raise click.UsageError("give exactly one target: --recall R or --accuracy-within D")
-    target = (Target("recall", recall_target) if recall_target is not None
-              else Target("accuracy", accuracy_within))
+    targets = [Target(kind, value) for kind, value in (
+        ("recall", recall_target), ("accuracy", accuracy_within), ("budget", budget))
+        if value is not None]
+    if len(targets) != 1:
+        raise click.UsageError("give exactly one target: --recall R, --accuracy-within D or "
+                               "(for a re-ranked index) --budget N")
+    target = targets[0]
     collection = open_collection(store, collection_name)
     result = tune_index(collection, index_name, target, k, held_out, seed, threads, repeats,
                         stderr_log(quiet), progress_bars(quiet))
     if as_json:
         emit(result, True)
         return
-    columns = ["params", "recall", "accuracy", "queries_per_second", "meets_target"]
+    columns = result["columns"]
     rows = [{**{key: format_cell(row[key]) for key in columns},
              "params": format_params(row["params"])} for row in result["measured"]]
     click.echo(format_table(rows, columns))
+    there = (f"exact accuracy there {result['exact_accuracy']:.4f}" if "exact_accuracy" in result
+             else f"the best without a budget {result['best_unbounded_accuracy']:.4f}")
     click.echo(f"\n{index_name}: default is now {format_params(result['chosen']['params'])} "
-               f"({target.describe()} on {held_out:,} held-out training rows; exact accuracy "
-               f"there {result['exact_accuracy']:.4f})")
+               f"({target.describe()} on {held_out:,} held-out training rows; {there})")
 
 
 @main.command()

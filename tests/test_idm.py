@@ -139,3 +139,175 @@ def test_deskew_idm_on_the_real_seed_split(mnist, tmp_path_factory) -> None:
     summary = json.loads(result.stdout)
     assert summary["accuracy"] >= 0.992, summary
     assert summary["idm"]["reranked"] > 0 and summary["idm"]["gated"] > 0
+
+
+# --- tune: k, pool and gate on held-out training rows ---------------------------------------
+
+@pytest.fixture
+def idm_collection(shared, tmp_path, use_store):
+    """A writable copy of the synthetic collection with noisy labels (so that the gate does
+    not answer every query), with deskew-idm built."""
+    from conftest import writable_copy
+
+    from mnist_ann.api import Collection
+    from mnist_ann.index.build import build_indexes
+    from mnist_ann.index.recipes import resolve_recipe
+
+    collection = use_store(writable_copy(shared("small"), tmp_path / "copy"))
+    build_indexes(collection, [resolve_recipe("deskew-idm", len(collection.train()))], threads=1)
+    return Collection.open(collection.root.parent, collection.name)
+
+
+def held_out_accuracy(collection, own_rows: np.ndarray, k: int, pool: int, gate: int,
+                      nprobe: int) -> tuple[float, float]:
+    """The held-out accuracy and comparisons a query of one setting, query by query by the
+    gate's definition (the tune scores every setting at once, from arrays)."""
+    train = collection.train()
+    searcher = collection.searcher("deskew-idm")
+    features = searcher.features
+    from mnist_ann.data.pipeline import deskew
+
+    correct = compared = 0
+    for own in own_rows:
+        found = searcher.base.search(train.pixels[own:own + 1], pool + 1,
+                                     {"nprobe": nprobe, "candidates": pool + 1})
+        rows = found.rows[0][found.rows[0] != own][:pool]
+        first = train.labels[rows[:gate]]
+        if (first == first[0]).all():
+            chosen = rows[:k]
+        else:
+            query = gradient_features(deskew(train.pixels[own:own + 1]))[0]
+            scores = idm_distances(query, features, rows)
+            chosen = rows[np.lexsort((rows, scores))[:k]]
+            compared += pool
+        votes = np.bincount(train.labels[chosen], minlength=10)
+        correct += votes.argmax() == train.labels[own]
+    return correct / len(own_rows), compared / len(own_rows)
+
+
+def test_tune_chooses_within_the_budget_on_training_rows_only(idm_collection, monkeypatch):
+    from mnist_ann.api import Collection
+    from mnist_ann.evaluation.tune import held_out_rows
+
+    (idm_collection.root / "test.parquet").unlink()  # any read of the test set now fails
+    real_read = Collection.read_verified
+
+    def guarded(self, filename: str) -> bytes:
+        assert filename != "test.parquet", "tuning read the test set"
+        return real_read(self, filename)
+
+    monkeypatch.setattr(Collection, "read_verified", guarded)
+    result = run_cli("tune", "--collection", "small", "--index", "deskew-idm", "--budget", "8",
+                     "--held-out", "150", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    chosen, measured = summary["chosen"], summary["measured"]
+    assert chosen["comparisons"] <= 8
+    assert 0 < chosen["gated"] < 1  # some queries re-ranked, some answered directly
+    affordable = [row for row in measured if row["comparisons"] <= 8]
+    assert {row["meets_target"] for row in affordable} == {True}
+    assert chosen["accuracy"] >= max(row["accuracy"] for row in affordable) - 1 / 150 - 1e-12
+    assert len({(r["params"]["k"], r["params"]["pool"], r["params"]["gate"])
+                for r in measured}) == len(measured) > 40
+    collection = Collection.open(idm_collection.root.parent, "small")
+    defaults = collection.indexes["deskew-idm"]["search_defaults"]
+    assert {key: defaults[key] for key in ("k", "pool", "gate")} == chosen["params"]
+    assert collection.indexes["deskew-idm"]["tuned"]["held_out"]["from"] == "train"
+    assert collection.classifier("deskew-idm").k == chosen["params"]["k"]
+    assert collection.searcher("deskew-idm").parameters()["pool"] == chosen["params"]["pool"]
+    # the arithmetic, query by query, for the chosen setting and two others
+    own_rows = held_out_rows(len(collection.train()), 150, 0)
+    for row in [chosen, measured[0], measured[-1]]:
+        accuracy, comparisons = held_out_accuracy(collection, own_rows, **row["params"],
+                                                  nprobe=defaults["nprobe"])
+        assert accuracy == pytest.approx(row["accuracy"]) and comparisons == pytest.approx(
+            row["comparisons"]), row
+
+
+def test_tune_refuses_a_budget_nothing_meets_and_the_wrong_target(idm_collection) -> None:
+    from helpers import assert_clean_error
+
+    before = (idm_collection.root / "manifest.json").read_bytes()
+    assert_clean_error(run_cli("tune", "--collection", "small", "--index", "deskew-idm",
+                               "--budget", "0.001", "--held-out", "50", "-q"), 1,
+                       "no setting of index 'deskew-idm' stays within 0.001")
+    assert_clean_error(run_cli("tune", "--collection", "small", "--index", "deskew-idm",
+                               "--recall", "0.9", "-q"), 2, "tuned for a budget")
+    assert_clean_error(run_cli("tune", "--collection", "small", "--index", "flat",
+                               "--budget", "10", "-q"), 2, "for re-ranked indexes")
+    assert (idm_collection.root / "manifest.json").read_bytes() == before
+
+
+# --- the report: re-ranked indexes against exact re-ranking, rejection ----------------------
+
+def test_the_rerank_truths_are_the_exact_ranking_by_idm() -> None:
+    from mnist_ann.data.pipeline import deskew
+    from mnist_ann.evaluation.truth import rerank_pool_truth, rerank_whole_set_truth
+
+    rng = np.random.default_rng(9)
+    train = rng.integers(0, 256, (40, 784), dtype=np.uint8)
+    train[5] = train[6]  # a tie: broken by training row
+    candidates = np.array([[6, 5, 1, 2, 3, 11, 12, 13], [0, 11, 1, 2, 3, 12, 13, 14]])
+    searcher = IdmSearcher(FixedBase(candidates, 40), train, np.repeat(np.arange(4), 10),
+                           {"pool": 8, "gate": 2}, "idm")
+    queries = rng.integers(0, 256, (2, 784), dtype=np.uint8)
+    queries[0] = train[5]
+    features = gradient_features(deskew(train))
+    query_features = gradient_features(deskew(queries))
+    pool = rerank_pool_truth(searcher, queries, 4, 8)
+    whole = rerank_whole_set_truth(searcher, queries, 4)
+    for i in range(2):
+        scores = _idm_numpy(query_features[i], features[candidates[i]], 2)
+        order = np.lexsort((candidates[i], scores))[:4]
+        np.testing.assert_array_equal(pool.rows[i], candidates[i][order])
+        everything = _idm_numpy(query_features[i], features, 2)
+        order = np.lexsort((np.arange(40), everything))[:4]
+        np.testing.assert_array_equal(whole.rows[i], order)
+        np.testing.assert_allclose(whole.distances[i], everything[order], rtol=1e-5)
+    assert list(pool.rows[0][:2]) == [5, 6]  # equal distances, the smaller row first
+
+
+def test_the_report_measures_deskew_idm_and_rejection(idm_collection, tmp_path) -> None:
+    from mnist_ann.evaluation.metrics import fewest_rejections, recall
+    from mnist_ann.evaluation.truth import rerank_pool_truth
+
+    out = tmp_path / "report"
+    result = run_cli("report", "--collection", "small", "--index", "flat", "--index",
+                     "deskew-idm", "--no-baseline", "--no-peers", "--repeats", "1",
+                     "--latency-queries", "5", "--whole-set-queries", "3", "--out", out,
+                     "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    saved = json.loads((out / "results.json").read_text())
+    (idm_row,) = [row for row in saved["results"] if row["index"] == "deskew-idm"]
+    searcher = idm_collection.searcher("deskew-idm")
+    test, train = idm_collection.test(), idm_collection.train()
+    k = searcher.default_k
+    assert idm_row["k"] == k and idm_row["params"] == searcher.parameters()
+    truth = rerank_pool_truth(searcher, test.pixels, k, searcher.parameters()["pool"])
+    found = idm_collection.classifier("deskew-idm").classify(test.pixels)
+    # gated queries come with the candidate stage's distances: measured by IDM again
+    from mnist_ann.data.pipeline import deskew
+
+    query_features = gradient_features(deskew(test.pixels))
+    by_idm = np.stack([idm_distances(query_features[i], searcher.features, rows)
+                       for i, rows in enumerate(found.neighbours.rows)])
+    assert found.stats["gated"] > 0
+    assert idm_row["recall"] == pytest.approx(recall(by_idm, truth.distances, k))
+    assert idm_row["accuracy"] == pytest.approx(np.mean(found.predictions == test.labels))
+    (check,) = summary["rerank_checks"]
+    assert check["index"] == "deskew-idm" and check["queries"] == 3
+    assert 0 <= check["recall_default"] <= 1 and 0 <= check["recall_pool"] <= 1
+    points = {point["index"]: point for point in summary["rejection_points"]}
+    assert set(points) == {"flat", "deskew-idm"}
+    flat = idm_collection.classifier("flat").classify(test.pixels)
+    for name, classified in [("flat", flat), ("deskew-idm", found)]:
+        expected = fewest_rejections(classified.confidence, classified.predictions,
+                                     test.labels, 0.001)
+        if expected is None:  # one label in nine is wrong: few errors as low as 0.1%
+            assert points[name]["coverage"] is None and points[name]["reject_below"] is None
+        else:
+            assert points[name]["coverage"] == pytest.approx(expected["coverage"])
+            assert points[name]["accepted_error"] <= 0.001
+    assert (out / "risk_coverage.png").stat().st_size > 10_000
+    assert "Rejection" in (out / "report.md").read_text()

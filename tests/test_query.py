@@ -353,6 +353,24 @@ def test_rejection_arithmetic() -> None:
     assert "accepted_accuracy" not in rejection(confidence, predicted, None, 0.5)
 
 
+def test_risk_coverage_and_the_fewest_rejections() -> None:
+    from mnist_ann.evaluation.metrics import fewest_rejections, risk_coverage
+
+    confidence = np.array([1.0, 1.0, 0.5, 0.5, 0.9, 0.2, 0.9])
+    correct = np.array([True, True, False, True, True, False, True])
+    curve = risk_coverage(confidence, correct)
+    np.testing.assert_array_equal(curve["threshold"], [1.0, 0.9, 0.5, 0.2])
+    np.testing.assert_allclose(curve["coverage"], np.array([2, 4, 6, 7]) / 7)
+    np.testing.assert_allclose(curve["error"], [0, 0, 1 / 6, 2 / 7])
+    predicted, truth = np.where(correct, 3, 4), np.full(7, 3)
+    best = fewest_rejections(confidence, predicted, truth, 0.0)
+    assert best["reject_below"] == 0.9 and best["accepted"] == 4 and best["accepted_error"] == 0
+    assert fewest_rejections(confidence, predicted, truth, 0.2)["reject_below"] == 0.5
+    assert fewest_rejections(confidence, predicted, truth, 0.3)["coverage"] == 1.0
+    always_wrong = fewest_rejections(confidence, np.full(7, 4), truth, 0.1)
+    assert always_wrong is None
+
+
 def test_query_rejects_unsure_predictions(built: Collection, tmp_path: Path) -> None:
     import csv
 

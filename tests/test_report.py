@@ -30,7 +30,7 @@ from mnist_ann.index.build import build_indexes
 from mnist_ann.index.recipes import resolve_recipe
 
 OUTPUTS = ["results.csv", "results.json", "recall_vs_qps.png", "accuracy_vs_latency.png",
-           "confusion.png", "report.html", "report.md"]
+           "risk_coverage.png", "confusion.png", "report.html", "report.md"]
 
 
 @pytest.fixture(scope="module")
@@ -238,4 +238,4 @@ def test_report_html_images_load_in_chromium(report: dict, tmp_path: Path) -> No
     match = re.search(r'data-images="(\d+)/(\d+)"', done.stdout)
     assert match, done.stderr[-2000:]
     total, loaded = map(int, match.groups())
-    assert total == 3 and loaded == 3
+    assert total == 4 and loaded == 4  # recall, latency, risk-coverage, confusion

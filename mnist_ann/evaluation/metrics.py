@@ -53,3 +53,31 @@ def rejection(confidence: np.ndarray, predicted: np.ndarray, truth: np.ndarray |
         summary["accepted_accuracy"] = float(right.mean()) if accepted.any() else 1.0
         summary["accepted_error"] = 1.0 - summary["accepted_accuracy"]
     return summary
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict:
+    """The error on accepted queries at every threshold worth trying: each distinct
+    confidence, from the highest (fewest accepted) to the lowest (all accepted).
+
+    Returns arrays `threshold`, `coverage` and `error` (accepting confidence ≥ threshold).
+    """
+    confidence, correct = np.asarray(confidence), np.asarray(correct, dtype=bool)
+    order = np.argsort(-confidence, kind="stable")
+    ranked, right = confidence[order], correct[order]
+    # the last position of each distinct confidence: accepting it accepts all its ties
+    ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
+    accepted = ends + 1
+    errors = np.cumsum(~right)[ends]
+    return {"threshold": ranked[ends], "coverage": accepted / len(ranked),
+            "error": errors / accepted}
+
+
+def fewest_rejections(confidence: np.ndarray, predicted: np.ndarray, truth: np.ndarray,
+                      max_error: float) -> dict | None:
+    """The rejection summary at the lowest threshold whose accepted error is at most
+    `max_error` (the most queries kept), or None if no threshold reaches it."""
+    curve = risk_coverage(confidence, predicted == truth)
+    reaching = np.flatnonzero(curve["error"] <= max_error + 1e-12)
+    if not len(reaching):
+        return None
+    return rejection(confidence, predicted, truth, float(curve["threshold"][reaching[-1]]))

@@ -17,22 +17,23 @@ import numpy as np
 from mnist_ann.api import Collection
 from mnist_ann.classify import Classifier
 from mnist_ann.errors import InvalidArgument, MnistAnnError
-from mnist_ann.evaluation.metrics import accuracy, recall
+from mnist_ann.evaluation.metrics import accuracy, fewest_rejections, recall
 from mnist_ann.evaluation.timing import (
     MIN_LATENCY_QUERIES,
     WARM_UP_QUERIES,
     time_batch,
     time_single_queries,
 )
-from mnist_ann.evaluation.truth import ground_truth
+from mnist_ann.evaluation.truth import ground_truth, rerank_pool_truth, rerank_whole_set_truth
 from mnist_ann.index.neighbours import Neighbours
 from mnist_ann.index.recipes import focus_of, grid_points
 from mnist_ann.index.searchers import Searcher
 from mnist_ann.machine import describe_machine, peak_memory_mb
-from mnist_ann.runtime import Log, Progress, ProgressBar, no_progress, silent
+from mnist_ann.runtime import Log, Progress, ProgressBar, faiss_threads, no_progress, silent
 
 RECALL_TARGETS = (0.90, 0.95, 0.99, 0.999)
 ACCURACY_TOLERANCE = 0.001
+REJECTION_MAX_ERROR = 0.001  # the rejection operating point: fewest rejections for this error
 # certified-exact indexes: lists scanned and rows verified per query, queries scanning all lists
 CERTIFIED_COLUMNS = ["lists_scanned_median", "verified_median", "verified_p99", "fallback_queries"]
 
@@ -50,6 +51,7 @@ class SweepSettings:
     sample: int | None = None  # test queries measured (a seeded sample), all when None
     batch_budget_seconds: float = 5.0
     latency_budget_seconds: float = 2.0
+    whole_set_queries: int = 10  # re-ranked indexes: queries compared with every training row
 
     def grid(self, entry: dict) -> dict:
         """The settings of an index to sweep: its whole grid, or its focused part."""
@@ -85,6 +87,7 @@ class Reference:
     latency_sample: np.ndarray
     space: str = "pixels"
     rows: np.ndarray | None = None  # the test rows measured, all when None
+    k: int | None = None  # the k of this reference when it is not the evaluation's
 
     @property
     def exact_accuracy(self) -> float:
@@ -93,8 +96,10 @@ class Reference:
 
 def measured_row(name: str, kind: str, factory: str, params: dict, reference: Reference,
                  k: int, distances: np.ndarray, predictions: np.ndarray, times: list[float],
-                 latency: dict, build_seconds: float, index_mb: float | None) -> dict:
-    """One result row: quality against the reference, speed, and cost."""
+                 latency: dict, build_seconds: float, index_mb: float | None,
+                 confidence: np.ndarray | None = None) -> dict:
+    """One result row: quality against the reference, speed, and cost (and each
+    prediction's confidence, where the row has one)."""
     median = statistics.median(times)
     return {"index": name, "kind": kind, "factory": factory, "space": reference.space,
             "params": params, "k": k, "exact_accuracy": reference.exact_accuracy,
@@ -105,14 +110,16 @@ def measured_row(name: str, kind: str, factory: str, params: dict, reference: Re
             "queries_per_second": len(reference.queries) / median, **latency,
             "build_seconds": build_seconds, "index_mb": index_mb, "default": "",
             **dict.fromkeys(CERTIFIED_COLUMNS),
-            "peak_memory_mb": peak_memory_mb(), "predictions": predictions}
+            "peak_memory_mb": peak_memory_mb(), "predictions": predictions,
+            "confidence": confidence}
 
 
 def measure(searcher: Searcher, labels: np.ndarray, params: dict, reference: Reference,
             settings: SweepSettings) -> tuple[object, list[float], dict]:
     """Time one setting of a searcher: the batch (all threads) and single queries (one)."""
-    batch = Classifier(searcher, labels, k=settings.k, params=params, threads=settings.threads)
-    single = Classifier(searcher, labels, k=settings.k, params=params, threads=1)
+    k = reference.k or settings.k
+    batch = Classifier(searcher, labels, k=k, params=params, threads=settings.threads)
+    single = Classifier(searcher, labels, k=k, params=params, threads=1)
     result, times = time_batch(lambda: batch.classify(reference.queries),
                                lambda: batch.classify(reference.queries[:WARM_UP_QUERIES]),
                                settings.repeats, settings.batch_budget_seconds)
@@ -142,9 +149,11 @@ def sweep_index(collection: Collection, name: str, reference: Reference,
     for position, params in enumerate(points):
         result, times, latency = measure(searcher, labels, params, reference, settings)
         rows.append(measured_row(
-            name, "mnist-ann", entry["factory"], result.params, reference, settings.k,
-            result.neighbours.distances, result.predictions, times, latency,
-            entry["build_seconds"], entry["bytes"] / 1e6))
+            name, "mnist-ann", entry["factory"], result.params, reference, result.k,
+            comparable_distances(searcher, entry, reference.queries, result.neighbours,
+                                 settings.threads),
+            result.predictions, times, latency,
+            entry["build_seconds"], entry["bytes"] / 1e6, result.confidence))
         rows[-1].update({key: result.stats.get(key) for key in CERTIFIED_COLUMNS})
         if result.params == defaults:  # the setting `query` uses when not told otherwise
             rows[-1]["default"] = "tuned" if "tuned" in entry else "recipe"
@@ -158,16 +167,90 @@ def sweep_index(collection: Collection, name: str, reference: Reference,
     return rows
 
 
-def reference_for(collection: Collection, name: str, pixels: Reference, k: int,
-                  threads: int, log: Log) -> Reference:
-    """The reference for index `name`: the pixel one, or exact search in its own space."""
+def comparable_distances(searcher: Searcher, entry: dict, queries: np.ndarray,
+                         found: Neighbours, threads: int | None = None) -> np.ndarray:
+    """The distances of the found neighbours in the reference's terms: a re-ranked index
+    answers gated queries with the candidate stage's distances, so its neighbours are
+    measured by the re-rank distance again."""
+    if not entry.get("rerank"):
+        return found.distances
+    with faiss_threads(threads):
+        return searcher.pool_distances(queries, found.rows)
+
+
+def reference_for(collection: Collection, name: str, pixels: Reference,
+                  settings: SweepSettings, log: Log) -> Reference:
+    """The reference for index `name`: the pixel one, exact search in its own space, or for
+    a re-ranked index the exact re-rank of its largest candidate pool (at its own k)."""
+    k, threads = settings.k, settings.threads
     searcher = collection.searcher(name)
+    if collection.indexes[name].get("rerank"):
+        return rerank_reference(collection, name, pixels, settings, log)
     if searcher.space.key == "pixels":
         return pixels
     truth = ground_truth(collection, name, k, threads, log, pixels.rows)
     exact = Classifier(collection.exact_searcher(name), collection.train().labels, k=k)
     return dataclasses.replace(pixels, truth=truth, exact_predictions=exact.votes(truth),
                                space=searcher.space.description)
+
+
+def rerank_reference(collection: Collection, name: str, pixels: Reference,
+                     settings: SweepSettings, log: Log) -> Reference:
+    """A re-ranked index is measured at its own k (chosen with its pool and gate) against
+    the exact re-rank of the largest pool it is swept at: recall then counts what the gate
+    and smaller pools lose."""
+    searcher = collection.searcher(name)
+    k = int(getattr(searcher, "default_k", None) or settings.k)
+    pool = max(settings.grid(collection.indexes[name]).get("pool") or
+               [searcher.parameters()["pool"]])
+    log(f"{name}: exact {searcher.stats_name.upper()} re-rank of the {pool} nearest "
+        f"candidates of {len(pixels.queries):,} queries, k={k}")
+    truth = rerank_pool_truth(searcher, pixels.queries, k, pool, settings.threads)
+    exact = Classifier(searcher, collection.train().labels, k=k)
+    return dataclasses.replace(
+        pixels, truth=truth, exact_predictions=exact.votes(truth), k=k,
+        space=f"{searcher.stats_name.upper()} re-rank of {pool} candidates, k={k}")
+
+
+def whole_set_check(collection: Collection, name: str, reference: Reference,
+                    settings: SweepSettings, log: Log) -> dict:
+    """A re-ranked index on a seeded sample of queries against the exact ranking by its
+    re-rank distance over the whole training set: the recall of its default setting, and
+    of the exact re-rank of its candidate pool."""
+    searcher = collection.searcher(name)
+    count = min(settings.whole_set_queries, len(reference.queries))
+    sample = np.sort(np.random.default_rng(2).choice(len(reference.queries), count,
+                                                     replace=False))
+    queries, k = reference.queries[sample], reference.k or settings.k
+    log(f"{name}: exact {searcher.stats_name.upper()} over all {searcher.ntotal:,} training "
+        f"rows for {count} sampled queries ({count * searcher.ntotal:,} comparisons)")
+    whole = rerank_whole_set_truth(searcher, queries, k, settings.threads)
+    with faiss_threads(settings.threads):
+        found = searcher.search(queries, k)
+    distances = comparable_distances(searcher, collection.indexes[name], queries, found,
+                                     settings.threads)
+    pool = Neighbours(reference.truth.rows[sample], reference.truth.distances[sample])
+    return {"index": name, "queries": count, "k": k,
+            "recall_default": recall(distances, whole.distances, k),
+            "recall_pool": recall(pool.distances, whole.distances, k),
+            "pool": reference.space}
+
+
+def rejection_points(rows: list[dict], labels: np.ndarray) -> list[dict]:
+    """Per index, at the setting `query` uses (else its most accurate): the fewest
+    rejections that bring the error on accepted queries to REJECTION_MAX_ERROR."""
+    points = []
+    for name in dict.fromkeys(row["index"] for row in rows if row["confidence"] is not None):
+        mine = [row for row in rows if row["index"] == name and row["confidence"] is not None]
+        row = next((r for r in mine if r["default"]), max(mine, key=lambda r: r["accuracy"]))
+        found = fewest_rejections(row["confidence"], row["predictions"], labels,
+                                  REJECTION_MAX_ERROR)
+        points.append({"index": name, "params": format_params(row["params"]), "k": row["k"],
+                       "accuracy": row["accuracy"], "max_error": REJECTION_MAX_ERROR,
+                       "reject_below": found["reject_below"] if found else None,
+                       "coverage": found["coverage"] if found else None,
+                       "accepted_error": found["accepted_error"] if found else None})
+    return points
 
 
 # --- summaries -----------------------------------------------------------------------------
@@ -236,12 +319,6 @@ def plan(collection: Collection, index_names: list[str] | None,
         raise MnistAnnError(f"collection {collection.name!r} has no index "
                             f"{', '.join(map(repr, unknown))} (built: "
                             f"{', '.join(collection.indexes)})")
-    reranked = [name for name in names if collection.indexes[name].get("rerank")]
-    if reranked and index_names:
-        raise InvalidArgument(f"{', '.join(reranked)}: the report cannot measure a re-ranked "
-                              "index's recall yet (its ground truth is exact IDM); "
-                              "bench/bench_accuracy.py measures its accuracy and speed")
-    names = [name for name in names if name not in reranked]  # not silently mis-measured
     if settings.k < 1 or settings.repeats < 1 or settings.latency_queries < 1:
         raise InvalidArgument("k, repeats and latency queries must be at least 1")
     n_test = collection.manifest["rows"]["test"]
@@ -258,6 +335,8 @@ class Evaluation:
     rows: list[dict]
     points: list[dict]
     best: dict
+    rejections: list[dict]
+    rerank_checks: list[dict]
     labels: np.ndarray
     n_classes: int
     meta: dict
@@ -288,12 +367,15 @@ def evaluate(collection: Collection, index_names: list[str] | None = None,
     reference = Reference(queries, labels, truth, flat.votes(truth),
                           queries[np.sort(sample)], rows=measured)
     rows: list[dict] = []
+    rerank_checks: list[dict] = []
     for name in names:
         points = len(grid_points(settings.grid(collection.indexes[name])))
         log(f"sweeping {name} ({points} settings)")
-        own = reference_for(collection, name, reference, settings.k, settings.threads, log)
+        own = reference_for(collection, name, reference, settings, log)
         with progress(f"{name}", points) as bar:
             rows += sweep_index(collection, name, own, settings, bar, log)
+        if collection.indexes[name].get("rerank") and settings.whole_set_queries:
+            rerank_checks.append(whole_set_check(collection, name, own, settings, log))
     if baseline:
         rows.append(baselines.sklearn_row(collection, reference, settings, log))
     if peers and baselines.hnswlib_available():
@@ -316,5 +398,6 @@ def evaluate(collection: Collection, index_names: list[str] | None = None,
                     f"{best['accuracy']:.4f}, {best['queries_per_second']:,.0f} queries/s)",
             "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "seconds": time.perf_counter() - started}
-    return Evaluation(rows, points, best, labels, len(flat.classes), meta)
+    return Evaluation(rows, points, best, rejection_points(rows, labels), rerank_checks,
+                      labels, len(flat.classes), meta)
 

@@ -63,3 +63,32 @@ def ground_truth(collection: Collection, index_name: str, k: int, threads: int |
                 pq.write_table(_to_arrow(truth), tmp)
             collection.record(change.manifest, filename)
     return Neighbours(truth.rows, truth.distances)
+
+
+def _ranked_by_pool_distance(searcher, queries: np.ndarray, rows: np.ndarray,
+                             k: int) -> Neighbours:
+    scores = searcher.pool_distances(queries, rows)
+    order = np.lexsort((rows, scores), axis=-1)[:, :k]
+    return Neighbours(np.take_along_axis(rows, order, axis=1),
+                      np.take_along_axis(scores, order, axis=1))
+
+
+def rerank_pool_truth(searcher, queries: np.ndarray, k: int, pool: int,
+                      threads: int | None = None) -> Neighbours:
+    """A re-ranked searcher's exact answer on its candidate pool: the k of the candidate
+    stage's `pool` nearest with the smallest re-rank distances (then training row), with no
+    gate: what the re-rank would return if it re-ranked every query."""
+    base = {key: value for key, value in searcher.parameters().items()
+            if key not in searcher.tuning_grid}
+    with faiss_threads(threads):
+        found = searcher.base.search(queries, pool, {**base, "candidates": pool})
+        return _ranked_by_pool_distance(searcher, queries, found.rows, k)
+
+
+def rerank_whole_set_truth(searcher, queries: np.ndarray, k: int,
+                           threads: int | None = None) -> Neighbours:
+    """The exact k nearest by the re-rank distance over the whole training set (every
+    training row compared with every query: seconds a query; for samples)."""
+    every_row = np.broadcast_to(np.arange(searcher.ntotal), (len(queries), searcher.ntotal))
+    with faiss_threads(threads):
+        return _ranked_by_pool_distance(searcher, queries, np.ascontiguousarray(every_row), k)

@@ -28,7 +28,9 @@ WARM_UP = 100
 
 @dataclass(frozen=True)
 class Target:
-    """recall: recall@k at least `value`; accuracy: within `value` of exact search's."""
+    """recall: recall@k at least `value`; accuracy: within `value` of exact search's;
+    budget (re-ranked indexes): the most accurate setting whose re-ranks average at most
+    `value` comparisons a query."""
 
     kind: str
     value: float
@@ -36,6 +38,8 @@ class Target:
     def describe(self) -> str:
         if self.kind == "recall":
             return f"recall@k ≥ {self.value:g}"
+        if self.kind == "budget":
+            return f"most accurate within {self.value:g} re-rank comparisons a query"
         return f"accuracy ≥ exact - {self.value:g}"
 
     def met(self, row: dict) -> bool:
@@ -68,13 +72,18 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
                log: Log = silent, progress: Progress = no_progress) -> dict:
     """Measure every setting of the index's grid on held-out training rows, record the fastest
     that meets `target` as the index's search default, and return what was measured."""
+    reranked = bool(collection.indexes.get(name, {}).get("rerank"))
+    if reranked != (target.kind == "budget"):
+        raise InvalidArgument(f"{name}: " + (
+            "a re-ranked index is tuned for a budget of comparisons (--budget N)" if reranked
+            else "a budget (--budget) is for re-ranked indexes; give --recall or "
+                 "--accuracy-within"))
+    if reranked:
+        return tune_reranked(collection, name, target, held_out=held_out, seed=seed,
+                             threads=threads, log=log, progress=progress)
     if target.kind not in ("recall", "accuracy") or not 0 <= target.value <= 1:
         raise InvalidArgument(f"a target is recall in (0, 1] or an accuracy tolerance in "
                               f"[0, 1], not {target.kind} {target.value}")
-    if collection.indexes.get(name, {}).get("rerank"):
-        raise InvalidArgument(f"{name}: tune cannot measure a re-ranked index yet (its ground "
-                              "truth is exact IDM); bench/choose_idm.py chose its settings on "
-                              "held-out training rows")
     searcher = collection.searcher(name)
     grid = collection.indexes[name].get("search_grid", {})
     if not grid:
@@ -113,6 +122,23 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
                             f"{best['recall']:.4f}, accuracy {best['accuracy']:.4f}); the "
                             "manifest is unchanged")
     chosen = max(meeting, key=lambda r: r["queries_per_second"])
+    record(collection, name, chosen["params"], {
+        "target": {"kind": target.kind, "value": target.value}, "k": k,
+        "held_out": {"rows": held_out, "seed": seed, "from": "train"},
+        "threads": threads, "repeats": repeats, "params": chosen["params"],
+        "recall": chosen["recall"], "accuracy": chosen["accuracy"],
+        "exact_accuracy": exact_accuracy, "queries_per_second": chosen["queries_per_second"]},
+        log)
+    log(f"{name}: {format_params(chosen['params'])} is the fastest setting meeting "
+        f"{target.describe()}; recorded as its search default")
+    return {"index": name, "target": target.describe(), "chosen": chosen,
+            "measured": measured, "exact_accuracy": exact_accuracy,
+            "columns": ["params", "recall", "accuracy", "queries_per_second", "meets_target"]}
+
+
+def record(collection: Collection, name: str, params: dict, tuned: dict, log: Log) -> None:
+    """Save `params` as index `name`'s search defaults, with how they were chosen, unless
+    another command rebuilt or dropped the index meanwhile."""
     tuned_sha = collection.indexes[name]["sha256"]
     with collection.writing(log) as change:
         entry = change.manifest["indexes"].get(name)
@@ -121,17 +147,94 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
                                 "while it was being tuned; the manifest is unchanged: run "
                                 "tune again")
         entry.setdefault("recipe_search_defaults", dict(entry["search_defaults"]))
-        entry["search_defaults"] = chosen["params"]
-        entry["tuned"] = {
-            "target": {"kind": target.kind, "value": target.value}, "k": k,
-            "held_out": {"rows": held_out, "seed": seed, "from": "train"},
-            "threads": threads, "repeats": repeats, "params": chosen["params"],
-            "recall": chosen["recall"], "accuracy": chosen["accuracy"],
-            "exact_accuracy": exact_accuracy, "queries_per_second": chosen["queries_per_second"],
-            "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        entry["search_defaults"] = params
+        entry["tuned"] = {**tuned,
+                          "tuned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     collection.defaults_changed(name)
-    log(f"{name}: {format_params(chosen['params'])} is the fastest setting meeting "
-        f"{target.describe()}; recorded as its search default")
+
+
+def tune_reranked(collection: Collection, name: str, target: Target, *, held_out: int = 2000,
+                  seed: int = 0, threads: int = 1, log: Log = silent,
+                  progress: Progress = no_progress) -> dict:
+    """Choose a re-ranked index's k, pool and gate on held-out training rows.
+
+    Each held-out row is searched leave-one-out for the largest pool; the re-rank distances
+    to that pool are computed once and every setting of the searcher's `tuning_grid` is
+    scored from them. The choice: among settings whose re-ranks average at most the budget
+    (the share of queries not gated times the pool), the best held-out accuracy; among
+    those within one held-out error of it, the fewest comparisons, then the smallest k.
+    Recall is against the re-rank distance's exact ranking of the largest pool.
+    """
+    if not target.value > 0:
+        raise InvalidArgument(f"a budget is a positive number of comparisons, not "
+                              f"{target.value:g}")
+    searcher = collection.searcher(name)
+    grid = searcher.tuning_grid
+    train = collection.train()
+    own_rows = held_out_rows(len(train), held_out, seed)
+    queries, truth_labels = train.pixels[own_rows], train.labels[own_rows]
+    largest = max(grid["pool"])
+    base = searcher.parameters()
+    base_params = {key: value for key, value in base.items() if key not in grid}
+    log(f"{name}: the {largest} nearest candidates of {held_out:,} held-out training rows "
+        f"(leave-one-out), and their {searcher.stats_name.upper()} distances "
+        f"({held_out * largest:,} comparisons on {threads} thread(s))")
+    chunks = np.array_split(np.arange(held_out), max(1, held_out // 100))
+    rows = np.empty((held_out, largest), np.int64)
+    scores = np.empty((held_out, largest))
+    with progress(f"re-ranking for {name}", held_out) as bar, faiss_threads(threads):
+        for chunk in chunks:
+            found = searcher.base.search(queries[chunk], largest + 1,
+                                         {**base_params, "candidates": largest + 1})
+            rows[chunk] = drop_self(found, own_rows[chunk], largest).rows
+            scores[chunk] = searcher.pool_distances(queries[chunk], rows[chunk])
+            bar.update(len(chunk))
+    voter = Classifier(searcher, train.labels, k=1)
+    labels = np.where(rows >= 0, train.labels[np.maximum(rows, 0)], -1)
+    full_order = np.lexsort((rows, scores), axis=-1)
+    measured = []
+    for pool in grid["pool"]:
+        order = np.lexsort((rows[:, :pool], scores[:, :pool]), axis=-1)
+        for k in grid["k"]:
+            best_k = np.take_along_axis(scores, full_order[:, :k], axis=1)
+            reranked = Neighbours(np.take_along_axis(rows, order[:, :k], axis=1),
+                                  np.take_along_axis(scores, order[:, :k], axis=1))
+            direct = Neighbours(rows[:, :k], scores[:, :k])
+            idm_votes, direct_votes = voter.votes(reranked), voter.votes(direct)
+            for gate in grid["gate"]:
+                gate = pool if gate is None else gate
+                if gate > pool or any(r["params"] == {"k": k, "pool": pool, "gate": gate}
+                                      for r in measured):
+                    continue
+                gated = (labels[:, :gate] == labels[:, :1]).all(axis=1)
+                predicted = np.where(gated, direct_votes, idm_votes)
+                found = np.where(gated[:, None], direct.distances, reranked.distances)
+                comparisons = float((~gated).mean() * pool)
+                measured.append({
+                    "params": {"k": k, "pool": pool, "gate": gate},
+                    "accuracy": accuracy(predicted, truth_labels),
+                    "recall": recall(found, best_k, k), "gated": float(gated.mean()),
+                    "comparisons": comparisons, "meets_target": comparisons <= target.value})
+    meeting = [row for row in measured if row["meets_target"]]
+    if not meeting:
+        cheapest = min(measured, key=lambda r: r["comparisons"])
+        raise MnistAnnError(f"no setting of index {name!r} stays within {target.value:g} "
+                            f"comparisons a query (the cheapest averages "
+                            f"{cheapest['comparisons']:.1f}); the manifest is unchanged")
+    best = max(row["accuracy"] for row in meeting)
+    near = [row for row in meeting if row["accuracy"] >= best - 1 / held_out - 1e-12]
+    chosen = min(near, key=lambda r: (r["comparisons"], r["params"]["k"]))
+    params = {**base_params, **chosen["params"]}
+    record(collection, name, params, {
+        "target": {"kind": target.kind, "value": target.value}, "k": chosen["params"]["k"],
+        "held_out": {"rows": held_out, "seed": seed, "from": "train"}, "threads": threads,
+        "params": params, "accuracy": chosen["accuracy"], "recall": chosen["recall"],
+        "comparisons": chosen["comparisons"], "gated": chosen["gated"],
+        "best_unbounded_accuracy": max(row["accuracy"] for row in measured)}, log)
+    log(f"{name}: {format_params(chosen['params'])} is the most accurate setting within "
+        f"{target.value:g} comparisons a query (within one held-out error); recorded as its "
+        "search default")
     return {"index": name, "target": target.describe(), "chosen": chosen,
-            "measured": measured, "exact_accuracy": exact_accuracy}
+            "measured": measured, "best_unbounded_accuracy": max(r["accuracy"] for r in measured),
+            "columns": ["params", "accuracy", "recall", "gated", "comparisons",
+                        "meets_target"]}

@@ -13,6 +13,8 @@ fast kernel (numba when installed, else vectorised numpy), checked against it.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 SIDE = 28
@@ -168,6 +170,10 @@ class IdmSearcher:
     """
 
     stats_name = "idm"
+    # what `tune --budget` chooses among: k, pool, gate (None: the whole pool, never gating
+    # a query the re-rank could change)
+    tuning_grid: ClassVar[dict] = {VOTE_K: (1, 3, 5, 7), POOL: (25, 50, 100, 200),
+                                   GATE: (3, 5, 7, 10, None)}
 
     def __init__(self, base, train_pixels: np.ndarray, labels: np.ndarray,
                  defaults: dict, name: str) -> None:
@@ -218,9 +224,6 @@ class IdmSearcher:
         return checked
 
     def search(self, queries: np.ndarray, k: int, params=None):
-        import faiss
-
-        from mnist_ann.data.pipeline import deskew
         from mnist_ann.index.neighbours import Neighbours, check_k
         from mnist_ann.index.space import pixel_queries
 
@@ -235,27 +238,38 @@ class IdmSearcher:
         distances = found.distances[:, :k].astype(np.float64)
         todo = np.flatnonzero(~gated)
         if len(todo):
-            query_features = gradient_features(deskew(pixel_queries(queries)[todo]))
-
-            def rerank(part: np.ndarray) -> None:
-                for j in part:
-                    i = todo[j]
-                    candidates = found.rows[i][found.rows[i] >= 0]
-                    scores = idm_distances(query_features[j], self.features, candidates)
-                    order = np.lexsort((candidates, scores))[:k]
-                    rows[i] = -1
-                    distances[i] = np.inf
-                    rows[i, :len(order)] = candidates[order]
-                    distances[i, :len(order)] = scores[order]
-
-            workers = min(faiss.omp_get_max_threads(), len(todo))
-            parts = np.array_split(np.arange(len(todo)), workers)
-            if workers > 1:  # the kernel releases the GIL: the caller's threads, as FAISS's
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(workers) as pool_of_threads:
-                    list(pool_of_threads.map(rerank, parts))
-            else:
-                rerank(parts[0])
+            candidates = found.rows[todo]
+            scores = self.pool_distances(pixel_queries(queries)[todo], candidates)
+            order = np.lexsort((candidates, scores), axis=-1)[:, :k]
+            rows[todo] = np.take_along_axis(candidates, order, axis=1)
+            distances[todo] = np.take_along_axis(scores, order, axis=1)  # -1 rows: inf
         return Neighbours(rows, distances, {"gated": int(gated.sum()),
                                             "reranked": len(todo)})
+
+    def pool_distances(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """IDM distances [n, m] of pixel queries [n, 784] to the training rows [n, m] (inf
+        where a row is -1), on as many threads as FAISS is set to use: the kernel releases
+        the GIL."""
+        import faiss
+
+        from mnist_ann.data.pipeline import deskew
+
+        query_features = gradient_features(deskew(queries))
+        scores = np.full(rows.shape, np.inf)
+
+        def compare(part: np.ndarray) -> None:
+            for i in part:
+                present = rows[i] >= 0
+                scores[i, present] = idm_distances(query_features[i], self.features,
+                                                   rows[i, present])
+
+        workers = max(1, min(faiss.omp_get_max_threads(), len(rows)))
+        parts = np.array_split(np.arange(len(rows)), workers)
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as threads:
+                list(threads.map(compare, parts))
+        else:
+            compare(parts[0])
+        return scores

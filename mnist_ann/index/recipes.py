@@ -183,8 +183,8 @@ def deskew_pca_ivf_recipe(n_train: int, dimension: int) -> Recipe:
 
 def deskew_idm_recipe(n_train: int, dimension: int) -> Recipe:
     """deskew-pca-ivf's candidates re-ranked by the image distortion model (idm.py): the
-    pool of nearest re-ranked and the gate that answers unanimous queries directly were
-    chosen on held-out training rows (bench/choose_idm.py), never on a test set."""
+    pool of nearest re-ranked and the gate that answers unanimous queries directly are
+    chosen by `tune --budget` on held-out training rows, never on a test set."""
     _needs_images("deskew-idm", dimension)
     nlist = fitted_nlist(n_train)
     return Recipe("deskew-idm", f"{DESKEW_PCA},IVF{nlist},Flat", {"nlist": nlist},
@@ -194,7 +194,7 @@ def deskew_idm_recipe(n_train: int, dimension: int) -> Recipe:
                   focus_grid={"pool": [100], "gate": [7]}, rerank="idm")
 
 
-# chosen by bench/choose_idm.py on held-out training rows of the seed split
+# what `tune --budget 15 --held-out 5000` chooses on the seed split's training rows
 IDM_DEFAULTS = {"nprobe": 16, "pool": 100, "gate": 7, "k": 1}
 CANDIDATES_GRID = [16, 24, 32, 48, 64]
 

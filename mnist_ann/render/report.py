@@ -33,8 +33,15 @@ RESULT_COLUMNS = ["index", "space", "params", "default", "recall", "accuracy", "
                   *CERTIFIED_COLUMNS]
 POINT_COLUMNS = ["index", "target", "params", "default", "recall", "accuracy",
                  "queries_per_second", "p99_ms"]
+REJECTION_COLUMNS = ["index", "params", "k", "accuracy", "max_error", "reject_below",
+                     "coverage", "accepted_error"]
+RERANK_COLUMNS = ["index", "queries", "k", "recall_default", "recall_pool", "pool"]
+REJECTION_TITLE = "Rejection: the fewest rejections for an error of at most 0.1% on the rest"
+RERANK_TITLE = ("Re-ranked indexes against the exact re-rank distance over the whole training "
+                "set (sampled queries)")
 IMAGES = [("recall_vs_qps.png", "Recall against queries per second"),
           ("accuracy_vs_latency.png", "Accuracy against single-query p99 latency"),
+          ("risk_coverage.png", "Error against coverage when the least confident are rejected"),
           ("confusion.png", "Confusion matrix at the best operating point")]
 
 
@@ -100,6 +107,31 @@ def plot_accuracy_vs_latency(path: Path, rows: list[dict], k: int) -> None:
     save_figure(figure, path)
 
 
+def plot_risk_coverage(path: Path, rows: list[dict], labels: np.ndarray,
+                       rejections: list[dict]) -> None:
+    """Per index, at the setting of its rejection point: the error on accepted queries
+    against the share accepted, as the confidence threshold falls."""
+    from mnist_ann.evaluation.metrics import risk_coverage
+    from mnist_ann.render.plots import plt, save_figure
+
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    for point in rejections:
+        row = next(r for r in rows if r["index"] == point["index"]
+                   and format_params(r["params"]) == point["params"])
+        curve = risk_coverage(row["confidence"], row["predictions"] == labels)
+        axis.step(curve["coverage"], curve["error"] * 100, where="post", marker=".",
+                  label=f"{point['index']} (k={point['k']})")
+    axis.axhline(100 * rejections[0]["max_error"] if rejections else 0.1, color="black",
+                 linestyle=":", linewidth=1, label="error target of the rejection point")
+    axis.set_yscale("symlog", linthresh=0.1)
+    axis.set_xlabel("coverage (share of test queries accepted)")
+    axis.set_ylabel("error on accepted queries (%, linear below 0.1)")
+    axis.set_title("Risk against coverage: rejecting the least confident predictions")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    save_figure(figure, path)
+
+
 def format_cell(value: object) -> str:
     """A table cell: floats to 4 decimals, or with thousands separators from 100 up."""
     if value is None:
@@ -124,7 +156,8 @@ def html_table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_documents(out: Path, meta: dict, rows: list[dict], points: list[dict]) -> None:
+def write_documents(out: Path, meta: dict, rows: list[dict], points: list[dict],
+                    rejections: list[dict], rerank_checks: list[dict]) -> None:
     """report.md (images beside it) and report.html (images embedded)."""
     shown = [{**public_row(r), "params": format_params(r["params"])} for r in rows]
     header = [("machine", f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores"),
@@ -140,8 +173,13 @@ def write_documents(out: Path, meta: dict, rows: list[dict], points: list[dict])
     md = [f"# mnist-ann report: {meta['collection']}, k={meta['k']}", "",
           f"Generated {meta['generated']} in {meta['seconds']:.0f} s.", ""]
     md += [f"- **{name}**: {value}" for name, value in header]
-    md += ["", "## Operating points", "", markdown_table(points, POINT_COLUMNS), "",
-           "## All settings", "", markdown_table(shown, RESULT_COLUMNS), ""]
+    tables = [("Operating points", points, POINT_COLUMNS),
+              (REJECTION_TITLE, rejections, REJECTION_COLUMNS),
+              *([(RERANK_TITLE, rerank_checks, RERANK_COLUMNS)] if rerank_checks else []),
+              ("All settings", shown, RESULT_COLUMNS)]
+    md += [""]
+    for title, table, columns in tables:
+        md += [f"## {title}", "", markdown_table(table, columns), ""]
     md += [item for name, title in IMAGES for item in (f"## {title}", "", f"![{title}]({name})",
                                                        "")]
     with atomic_path(out / "report.md") as tmp:
@@ -156,9 +194,10 @@ def write_documents(out: Path, meta: dict, rows: list[dict], points: list[dict])
             "max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}"
             f"</style></head><body><h1>mnist-ann report: {html.escape(meta['collection'])}, "
-            f"k={meta['k']}</h1><ul>{items}</ul><h2>Operating points</h2>"
-            f"{html_table(points, POINT_COLUMNS)}<h2>All settings</h2>"
-            f"{html_table(shown, RESULT_COLUMNS)}{images}</body></html>")
+            f"k={meta['k']}</h1><ul>{items}</ul>"
+            + "".join(f"<h2>{html.escape(title)}</h2>{html_table(table, columns)}"
+                      for title, table, columns in tables)
+            + f"{images}</body></html>")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
 
@@ -175,7 +214,12 @@ def write_report(out: Path, evaluation: Evaluation) -> None:
                       f"{best['accuracy']:.4f}")
     plot_recall_vs_qps(out / "recall_vs_qps.png", rows, meta["k"])
     plot_accuracy_vs_latency(out / "accuracy_vs_latency.png", rows, meta["k"])
+    plot_risk_coverage(out / "risk_coverage.png", rows, evaluation.labels,
+                       evaluation.rejections)
     write_csv(out / "results.csv", rows)
     write_json(out / "results.json", {"meta": meta, "operating_points": evaluation.points,
+                                      "rejection_points": evaluation.rejections,
+                                      "rerank_checks": evaluation.rerank_checks,
                                       "results": [public_row(r) for r in rows]})
-    write_documents(out, meta, rows, evaluation.points)
+    write_documents(out, meta, rows, evaluation.points, evaluation.rejections,
+                    evaluation.rerank_checks)
