@@ -161,6 +161,13 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
               help="Fraction of rows held out for testing (seed split) [default: 0.2].")
 @click.option("--random-state", type=int, default=None,
               help="Seed of the random split [default: 42].")
+@click.option("--augment", type=click.IntRange(0, 100), default=0,
+              help="Add this many deformed copies of every training digit (a smooth random "
+                   "displacement and a one-pixel shift; the test set is untouched) "
+                   "[default: none].")
+@click.option("--augment-seed", type=int, default=None,
+              help="Seed of the deformed copies [default: 0]; the same seed gives the same "
+                   "training table.")
 @click.option("--collection", "collection_name", default=None,
               help="Collection name [default: the split's name].")
 @click.option("--index", "index_specs", multiple=True, metavar="RECIPE|NAME=FACTORY",
@@ -173,6 +180,7 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
 @quiet_option
 @json_option
 def build(split_kind: str | None, test_size: float | None, random_state: int | None,
+          augment: int, augment_seed: int | None,
           collection_name: str | None, index_specs: tuple[str, ...], force: bool,
           threads: int | None, source: str, store: Path | None, quiet: bool,
           as_json: bool) -> None:
@@ -182,10 +190,10 @@ def build(split_kind: str | None, test_size: float | None, random_state: int | N
     from mnist_ann.store.manage import ensure_collection
 
     log = stderr_log(quiet)
-    split_given = (split_kind, test_size, random_state) != (None, None, None)
-    split = Split.make(split_kind or "seed", test_size, random_state)
+    split_given = (split_kind, test_size, random_state, augment_seed) != (None,) * 4 or augment
+    split = Split.make(split_kind or "seed", test_size, random_state, augment, augment_seed)
     specs = index_specs or DEFAULT_RECIPES
-    n_train = len(split.ids()[0])
+    n_train = split.train_rows()
     for spec in specs:  # refuse a bad recipe before anything is fetched or written
         resolve_recipe(spec, n_train)
     store_path = resolve_store(store)

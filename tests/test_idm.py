@@ -281,7 +281,7 @@ def test_the_report_measures_deskew_idm_and_rejection(idm_collection, tmp_path) 
     saved = json.loads((out / "results.json").read_text())
     (idm_row,) = [row for row in saved["results"] if row["index"] == "deskew-idm"]
     searcher = idm_collection.searcher("deskew-idm")
-    test, train = idm_collection.test(), idm_collection.train()
+    test = idm_collection.test()
     k = searcher.default_k
     assert idm_row["k"] == k and idm_row["params"] == searcher.parameters()
     truth = rerank_pool_truth(searcher, test.pixels, k, searcher.parameters()["pool"])

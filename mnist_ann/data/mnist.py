@@ -432,44 +432,69 @@ SEED_RANDOM_STATE = 42
 
 @dataclass(frozen=True)
 class Split:
-    """How MNIST-70k is divided into training and test rows."""
+    """How MNIST-70k is divided into training and test rows, and how many deformed copies
+    of each training digit are added (data/augment.py; the test rows are never touched)."""
 
     kind: str = "seed"
     test_size: float = SEED_TEST_SIZE
     random_state: int = SEED_RANDOM_STATE
+    augment: int = 0
+    augment_seed: int = 0
 
     @classmethod
     def make(cls, kind: str, test_size: float | None = None,
-             random_state: int | None = None) -> Split:
+             random_state: int | None = None, augment: int = 0,
+             augment_seed: int | None = None) -> Split:
+        from mnist_ann.data.augment import check_copies
+
         if kind not in SPLIT_KINDS:
             raise InvalidArgument(f"unknown split {kind!r}; use one of {', '.join(SPLIT_KINDS)}")
+        augment = check_copies(augment)
+        if augment_seed is not None and not augment:
+            raise InvalidArgument("--augment-seed goes with --augment N")
+        augment_seed = int(augment_seed or 0)
         if kind == "standard":
             if test_size is not None or random_state is not None:
                 raise InvalidArgument("the standard split is fixed (60,000 / 10,000); "
                                       "--test-size and --random-state go with --split seed")
-            return cls("standard", (N_ROWS - N_ORIGINAL_TRAIN) / N_ROWS, 0)
+            return cls("standard", (N_ROWS - N_ORIGINAL_TRAIN) / N_ROWS, 0, augment,
+                       augment_seed)
         test_size = SEED_TEST_SIZE if test_size is None else test_size
         if not 0 < test_size < 1:
             raise InvalidArgument(f"test size {test_size} is outside (0, 1)")
         random_state = SEED_RANDOM_STATE if random_state is None else random_state
-        return cls("seed", float(test_size), int(random_state))
+        return cls("seed", float(test_size), int(random_state), augment, augment_seed)
 
     @property
     def default_name(self) -> str:
-        """The collection name for this split: `seed`, `standard`, or `seed-t0.3-r7`."""
+        """The collection name for this split: `seed`, `standard`, `seed-t0.3-r7`, and with
+        deformed copies `standard-aug2` (or `standard-aug2-s7` for augment seed 7)."""
         if self.kind == "standard" or (self.test_size, self.random_state) == (
                 SEED_TEST_SIZE, SEED_RANDOM_STATE):
-            return self.kind
-        return f"seed-t{self.test_size:g}-r{self.random_state}"
+            name = self.kind
+        else:
+            name = f"seed-t{self.test_size:g}-r{self.random_state}"
+        if self.augment:
+            name += f"-aug{self.augment}" + (f"-s{self.augment_seed}" if self.augment_seed
+                                             else "")
+        return name
 
     def to_dict(self) -> dict:
-        if self.kind == "standard":
-            return {"kind": "standard"}
-        return {"kind": "seed", "test_size": self.test_size, "random_state": self.random_state}
+        made = ({"kind": "standard"} if self.kind == "standard" else
+                {"kind": "seed", "test_size": self.test_size, "random_state": self.random_state})
+        if self.augment:
+            made.update(augment=self.augment, augment_seed=self.augment_seed)
+        return made
 
     @classmethod
     def from_dict(cls, data: dict) -> Split:
-        return cls.make(data["kind"], data.get("test_size"), data.get("random_state"))
+        augment = data.get("augment", 0)
+        return cls.make(data["kind"], data.get("test_size"), data.get("random_state"),
+                        augment, data.get("augment_seed") if augment else None)
+
+    def train_rows(self, n_rows: int = N_ROWS) -> int:
+        """Training rows of the collection: the split's, and their deformed copies."""
+        return len(self.ids(n_rows)[0]) * (1 + self.augment)
 
     def ids(self, n_rows: int = N_ROWS) -> tuple[np.ndarray, np.ndarray]:
         """Training and test row ids, in the order the split defines."""

@@ -55,8 +55,18 @@ def held_out_rows(n_train: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_train, size, replace=False))
 
 
-def drop_self(neighbours: Neighbours, own_rows: np.ndarray, k: int) -> Neighbours:
-    """The k neighbours of each query other than its own training row (leave-one-out)."""
+def drop_self(neighbours: Neighbours, own_rows: np.ndarray, k: int,
+              sources: np.ndarray | None = None) -> Neighbours:
+    """The k neighbours of each query other than its own training row (leave-one-out).
+
+    With `sources`, the MNIST id each training row was made from (an augmented collection):
+    every row made from the query's digit is dropped, its deformed copies included."""
+    if sources is not None:
+        rows = neighbours.rows
+        related = (rows >= 0) & (sources[np.maximum(rows, 0)] == sources[own_rows][:, None])
+        kept = np.argsort(related, axis=1, kind="stable")[:, :k]  # the others, in order
+        return Neighbours(np.take_along_axis(rows, kept, axis=1),
+                          np.take_along_axis(neighbours.distances, kept, axis=1))
     matches = neighbours.rows == own_rows[:, None]
     # where the query's own row was not found, drop the last neighbour instead
     position = np.where(matches.any(axis=1), matches.argmax(axis=1), k)
@@ -65,6 +75,32 @@ def drop_self(neighbours: Neighbours, own_rows: np.ndarray, k: int) -> Neighbour
     keep[np.arange(n), position] = False
     return Neighbours(neighbours.rows[keep].reshape(n, k),
                       neighbours.distances[keep].reshape(n, k))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out training rows for leave-one-out tuning: MNIST's own rows only, and what
+    to drop from their neighbours (in an augmented collection, all copies of their digit)."""
+
+    rows: np.ndarray
+    copies: int  # training rows made from each digit, its own included
+    sources: np.ndarray | None
+
+    @classmethod
+    def draw(cls, train, size: int, seed: int) -> HeldOut:
+        from mnist_ann.data.augment import MNIST_ROWS, source_ids
+
+        originals = int(np.count_nonzero(train.ids < MNIST_ROWS))
+        copies = len(train) // originals if originals else 1
+        if originals * copies != len(train) or (train.ids[:originals] >= MNIST_ROWS).any():
+            raise MnistAnnError("the training table is not MNIST rows followed by whole "
+                                "copies of them; it cannot be tuned leave-one-out")
+        rows = held_out_rows(originals, size, seed)
+        return cls(rows, copies, source_ids(train.ids) if copies > 1 else None)
+
+    def drop(self, neighbours: Neighbours, k: int,
+             part: np.ndarray | slice = slice(None)) -> Neighbours:
+        return drop_self(neighbours, self.rows[part], k, self.sources)
 
 
 def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
@@ -89,23 +125,24 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
     if not grid:
         raise MnistAnnError(f"index {name!r} has no search parameters to tune")
     train = collection.train()
-    own_rows = held_out_rows(len(train), held_out, seed)
-    queries, labels = train.pixels[own_rows], train.labels[own_rows]
+    held = HeldOut.draw(train, held_out, seed)
+    queries, labels = train.pixels[held.rows], train.labels[held.rows]
     exact_searcher = collection.exact_searcher(name)
     log(f"{name}: exact leave-one-out neighbours of {held_out:,} held-out training rows in the "
         f"{searcher.space.description} space")
     with faiss_threads(threads):
-        truth = drop_self(exact_searcher.search(queries, k + 1), own_rows, k)
+        truth = held.drop(exact_searcher.search(queries, k + held.copies), k)
     voter = Classifier(searcher, train.labels, k=k)
     exact_accuracy = accuracy(voter.votes(truth), labels)
     measured = []
     points = grid_points(grid)
+    searched = k + held.copies
     with progress(f"tuning {name}", len(points)) as bar, faiss_threads(threads):
         for params in points:
-            found, seconds = time_batch(lambda p=params: searcher.search(queries, k + 1, p),
+            found, seconds = time_batch(lambda p=params: searcher.search(queries, searched, p),
                                         lambda p=params: searcher.search(queries[:WARM_UP],
-                                                                         k + 1, p), repeats)
-            found = drop_self(found, own_rows, k)
+                                                                         searched, p), repeats)
+            found = held.drop(found, k)
             row = {"params": searcher.parameters(params),
                    "recall": recall(found.distances, truth.distances, k),
                    "accuracy": accuracy(voter.votes(found), labels),
@@ -171,8 +208,8 @@ def tune_reranked(collection: Collection, name: str, target: Target, *, held_out
     searcher = collection.searcher(name)
     grid = searcher.tuning_grid
     train = collection.train()
-    own_rows = held_out_rows(len(train), held_out, seed)
-    queries, truth_labels = train.pixels[own_rows], train.labels[own_rows]
+    held = HeldOut.draw(train, held_out, seed)
+    queries, truth_labels = train.pixels[held.rows], train.labels[held.rows]
     largest = max(grid["pool"])
     base = searcher.parameters()
     base_params = {key: value for key, value in base.items() if key not in grid}
@@ -184,9 +221,10 @@ def tune_reranked(collection: Collection, name: str, target: Target, *, held_out
     scores = np.empty((held_out, largest))
     with progress(f"re-ranking for {name}", held_out) as bar, faiss_threads(threads):
         for chunk in chunks:
-            found = searcher.base.search(queries[chunk], largest + 1,
-                                         {**base_params, "candidates": largest + 1})
-            rows[chunk] = drop_self(found, own_rows[chunk], largest).rows
+            searched = largest + held.copies
+            found = searcher.base.search(queries[chunk], searched,
+                                         {**base_params, "candidates": searched})
+            rows[chunk] = held.drop(found, largest, chunk).rows
             scores[chunk] = searcher.pool_distances(queries[chunk], rows[chunk])
             bar.update(len(chunk))
     voter = Classifier(searcher, train.labels, k=1)

@@ -44,17 +44,19 @@ def create_collection(store: Path, name: str, dataset: Dataset, split: Split,
             train_ids, test_ids = split.ids(len(dataset.labels))
             started = time.perf_counter()
             files = {}
-            for filename, ids in ((TRAIN_FILE, train_ids), (TEST_FILE, test_ids)):
-                log(f"writing {root / filename} ({len(ids):,} rows)")
-                write_table(root / filename,
-                            Table(ids, dataset.labels[ids], dataset.images[ids]))
+            tables = {TRAIN_FILE: training_table(dataset, train_ids, split, log),
+                      TEST_FILE: Table(test_ids, dataset.labels[test_ids],
+                                       dataset.images[test_ids])}
+            for filename, table in tables.items():
+                log(f"writing {root / filename} ({len(table):,} rows)")
+                write_table(root / filename, table)
                 files[filename] = file_record(root / filename)
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "dataset": {"name": "mnist-70k", "fingerprint": FINGERPRINT,
                             "source": dataset.source},
                 "split": split.to_dict(),
-                "rows": {"train": len(train_ids), "test": len(test_ids)},
+                "rows": {"train": len(tables[TRAIN_FILE]), "test": len(test_ids)},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "files": files,
                 "indexes": {},
@@ -66,6 +68,23 @@ def create_collection(store: Path, name: str, dataset: Dataset, split: Split,
         raise
     log(f"collection {name!r} written in {time.perf_counter() - started:.1f} s")
     return Collection(root, manifest)
+
+
+def training_table(dataset: Dataset, train_ids: np.ndarray, split: Split,
+                   log: Log = silent) -> Table:
+    """The split's training rows, followed by `split.augment` deformed copies of them."""
+    from mnist_ann.data.augment import augmented_copies
+
+    table = Table(train_ids, dataset.labels[train_ids], dataset.images[train_ids])
+    if not split.augment:
+        return table
+    log(f"making {split.augment} deformed copies of the {len(train_ids):,} training digits "
+        f"(augment seed {split.augment_seed})")
+    parts = [table, *(Table(*part) for part in augmented_copies(
+        table.ids, table.labels, table.pixels, split.augment, split.augment_seed))]
+    return Table(np.concatenate([part.ids for part in parts]),
+                 np.concatenate([part.labels for part in parts]),
+                 np.concatenate([part.pixels for part in parts]))
 
 
 def ensure_collection(store: Path, name: str, split: Split, source: str, log: Log = silent,
