@@ -427,7 +427,8 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
               help="Target: accuracy within this of exact search's, e.g. 0.001.")
 @click.option("--budget", type=click.FloatRange(0, min_open=True), default=None,
               help="Target for a re-ranked index (deskew-idm): the most accurate k, pool and "
-                   "gate whose re-ranks average at most this many comparisons a query.")
+                   "gate whose re-ranks average at most this many comparisons a query (k is "
+                   "chosen, so -k does not apply).")
 @k_option
 @click.option("--held-out", type=click.IntRange(min=10), default=2000, show_default=True,
               help="Training rows searched leave-one-out (the test set is never read).")

@@ -201,8 +201,8 @@ def rerank_reference(collection: Collection, name: str, pixels: Reference,
     and smaller pools lose."""
     searcher = collection.searcher(name)
     k = int(getattr(searcher, "default_k", None) or settings.k)
-    pool = max(settings.grid(collection.indexes[name]).get("pool") or
-               [searcher.parameters()["pool"]])
+    pool = max([*settings.grid(collection.indexes[name]).get("pool", []),
+                searcher.parameters()["pool"]])  # the default is measured too
     log(f"{name}: exact {searcher.stats_name.upper()} re-rank of the {pool} nearest "
         f"candidates of {len(pixels.queries):,} queries, k={k}")
     truth = rerank_pool_truth(searcher, pixels.queries, k, pool, settings.threads)
