@@ -1,3 +1,4 @@
 from mnist_ann.cli import main
 
-main()
+if __name__ == "__main__":  # not when a worker process imports it (multiprocessing spawn)
+    main()

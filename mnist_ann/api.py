@@ -19,10 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mnist_ann.classify import Classifier
+from mnist_ann.cluster import Cluster
 from mnist_ann.errors import MnistAnnError
-from mnist_ann.index.factory import make_reranked, make_searcher
+from mnist_ann.index.factory import make_reranked, make_searcher, shard_searcher
 from mnist_ann.index.recipes import Recipe
 from mnist_ann.index.searchers import Searcher, exhaustive_searcher, space_transforms
+from mnist_ann.index.sharded import ShardedSearcher
 from mnist_ann.index.space import RankingSpace, image_space
 from mnist_ann.store import collection as stored
 from mnist_ann.store.collection import list_collections, resolve_store
@@ -58,11 +60,25 @@ class Collection(stored.Collection):
                     index = self.load_index(name)
                     train.result()
                 recipe = Recipe.from_entry(index.entry)
-                space = self.space(index.space_key, recipe, index.index)
-                self._searchers[name] = make_reranked(
-                    recipe, make_searcher(recipe, index.index, space, name), self.train(), name)
+                if index.shards:
+                    self._searchers[name] = self._sharded(index, recipe)
+                else:
+                    space = self.space(index.space_key, recipe, index.index)
+                    self._searchers[name] = make_reranked(
+                        recipe, make_searcher(recipe, index.index, space, name), self.train(),
+                        name)
                 self.load_seconds[name] = time.perf_counter() - started
             return self._searchers[name]
+
+    def _sharded(self, index: stored.StoredIndex, recipe: Recipe) -> ShardedSearcher:
+        pixels = self.train().pixels
+        shards = [shard_searcher(recipe, shard_index, pixels[start:stop],
+                                 f"{index.name}[{number}]")
+                  for number, (shard_index, (start, stop))
+                  in enumerate(zip(index.index, [s.rows for s in index.shards], strict=True))]
+        space = self.space(index.space_key, recipe, index.index[0])  # over every row
+        return ShardedSearcher(shards, [shard.rows for shard in index.shards], index.name,
+                               space)
 
     def defaults_changed(self, name: str) -> None:
         """Index `name`'s search defaults were changed in the manifest (by tune): searches
@@ -95,13 +111,18 @@ class Collection(stored.Collection):
             return self._exact[key]
 
     def classifier(self, name: str, *, k: int | None = None, params: Mapping | None = None,
-                   weights: str = "uniform", threads: int | None = None) -> Classifier:
+                   weights: str = "uniform", threads: int | None = None,
+                   cluster: Cluster | None = None) -> Classifier:
         """A k-NN classifier over index `name` (its search defaults, unless `params` say
-        otherwise; k the index's own when it was chosen with it, else the study's 7)."""
+        otherwise; k the index's own when it was chosen with it, else the study's 7). With
+        `cluster` (cluster.connected), a sharded index's shards are searched there."""
         train = self.train()
         if train.labels is None:
             raise MnistAnnError(f"{self.name}: the training table has no labels")
-        searcher = self.searcher(name)
+        if cluster is not None and int(self._entry(name).get("shards", 1)) < 2:
+            raise MnistAnnError(f"index {name!r} is not sharded: a cluster searches the "
+                                "shards of an index built with --shards N")
+        searcher = self.searcher(name) if cluster is None else cluster.searcher(self, name)
         if k is None:
             k = int(getattr(searcher, "default_k", None) or 7)
         return Classifier(searcher, train.labels, ids=train.ids, k=k, params=params,

@@ -106,6 +106,10 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress on 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="FAISS threads [default: the cores this process may use].")
+cluster_option = click.option(
+    "--cluster", default=None, metavar="local:W|tcp://HOST:PORT",
+    help="Work on a Dask cluster: W local worker processes, or a running scheduler whose "
+         "workers see the store at the same path (pip install 'mnist-ann[distributed]').")
 
 
 def progress_bars(quiet: bool) -> Callable[[str, int], Any]:
@@ -174,6 +178,10 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
               help=f"Index to build: a recipe ({', '.join(BUILTIN)}) or NAME=FACTORY with "
                    "any FAISS factory string; repeatable [default: flat, ivf, hnsw].")
 @click.option("--force", is_flag=True, help="Rebuild indexes that are already current.")
+@click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the training rows into this many contiguous ranges, one index file "
+                   "each (trained once, then filled per shard); searches merge them exactly.")
+@cluster_option
 @threads_option
 @source_option
 @store_option
@@ -182,10 +190,12 @@ def fetch(source: str, refresh: bool, quiet: bool, as_json: bool) -> None:
 def build(split_kind: str | None, test_size: float | None, random_state: int | None,
           augment: int, augment_seed: int | None,
           collection_name: str | None, index_specs: tuple[str, ...], force: bool,
-          threads: int | None, source: str, store: Path | None, quiet: bool,
-          as_json: bool) -> None:
+          shards: int, cluster: str | None, threads: int | None, source: str,
+          store: Path | None, quiet: bool, as_json: bool) -> None:
     """Write a split of MNIST as a collection and build its FAISS indexes."""
+    from mnist_ann.cluster import check_cluster, connected
     from mnist_ann.index.build import build_indexes
+    from mnist_ann.index.recipes import with_shards
     from mnist_ann.store.collection import resolve_store
     from mnist_ann.store.manage import ensure_collection
 
@@ -195,13 +205,21 @@ def build(split_kind: str | None, test_size: float | None, random_state: int | N
     specs = index_specs or DEFAULT_RECIPES
     n_train = split.train_rows()
     for spec in specs:  # refuse a bad recipe before anything is fetched or written
-        resolve_recipe(spec, n_train)
+        with_shards(resolve_recipe(spec, n_train), shards)
+    if cluster is not None:
+        check_cluster(cluster)
+        if shards == 1:
+            raise click.UsageError("--cluster builds the shards of --shards N (N ≥ 2)")
     store_path = resolve_store(store)
     name = collection_name or split.default_name
     collection = ensure_collection(store_path, name, split, source, log,
                                    must_match=split_given)
-    recipes = [resolve_recipe(spec, collection.manifest["rows"]["train"]) for spec in specs]
-    results = build_indexes(collection, recipes, threads, force, log, progress_bars(quiet))
+    recipes = [with_shards(resolve_recipe(spec, collection.manifest["rows"]["train"]), shards)
+               for spec in specs]
+    with connected(cluster, log) as client:
+        fill = None if client is None else client.fill_shards
+        results = build_indexes(collection, recipes, threads, force, log, progress_bars(quiet),
+                                fill)
     rows = [{"index": r.name, "status": r.status, "factory": r.entry["factory"],
              "ntotal": r.entry["ntotal"], "build_seconds": r.entry["build_seconds"],
              "megabytes": round(r.entry["bytes"] / 1e6, 1)} for r in results]
@@ -233,8 +251,10 @@ def render_collection(summary: dict) -> str:
         lines.append(f"  {filename}: {summary['files'][filename]['bytes'] / 1e6:.1f} MB")
     for name, entry in summary["indexes"].items():
         steps = " → ".join([*(entry.get("pipeline") or []), entry["factory"]])
+        shards = f" in {entry['shards']} shards" if entry.get("shards", 1) > 1 else ""
         lines.append(f"  index {name}: {steps} ({entry['recipe']}), "
-                     f"{entry['ntotal']:,} vectors, {entry['bytes'] / 1e6:.1f} MB, built in "
+                     f"{entry['ntotal']:,} vectors{shards}, {entry['bytes'] / 1e6:.1f} MB, "
+                     "built in "
                      f"{entry['build_seconds']:.1f} s with {entry['threads']} threads "
                      f"[{entry['file']}]")
     return "\n".join(lines)
@@ -292,6 +312,7 @@ query_k_option = click.option("-k", "k", type=int, default=None,
               default=None, help="Write predictions here (.parquet or .csv).")
 @click.option("--confusion", "confusion_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the confusion-matrix heatmap here (PNG).")
+@cluster_option
 @click.option("--reject-below", "reject_below", type=click.FloatRange(0, 1), default=None,
               help="Reject predictions whose confidence (the winner's share of the vote) is "
                    "under this; the summary gains coverage and accepted_accuracy.")
@@ -302,9 +323,10 @@ query_k_option = click.option("-k", "k", type=int, default=None,
 def query(collection_name: str, index_name: str, k: int, params: dict, weights: str,
           input_path: Path | None, normalize_mode: str, labels_path: Path | None,
           output_path: Path | None,
-          confusion_path: Path | None, reject_below: float | None, threads: int | None,
-          store: Path | None, quiet: bool, as_json: bool) -> None:
+          confusion_path: Path | None, cluster: str | None, reject_below: float | None,
+          threads: int | None, store: Path | None, quiet: bool, as_json: bool) -> None:
     """Classify images by a vote of their k nearest neighbours in an index."""
+    from mnist_ann.cluster import check_cluster, connected
     from mnist_ann.data.queries import Queries, check_output_path, read_queries
 
     log = stderr_log(quiet)
@@ -317,13 +339,17 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
         queries = read_queries(input_path, labels_path, normalize_mode)
     if confusion_path is not None and queries.labels is None:
         raise click.UsageError("--confusion needs labelled queries")
+    if cluster is not None:
+        check_cluster(cluster)
     log(f"loading index {index_name!r} of {collection_name!r} (checksum verified)")
-    started = time.perf_counter()
-    classifier = collection.classifier(index_name, k=k, params=params, weights=weights,
-                                       threads=threads)
-    load_seconds = time.perf_counter() - started
-    log(f"classifying {len(queries.pixels):,} images")
-    result = classifier.classify(queries.pixels)
+    with connected(cluster, log) as client:
+        started = time.perf_counter()
+        classifier = collection.classifier(index_name, k=k, params=params, weights=weights,
+                                           threads=threads, cluster=client)
+        load_seconds = time.perf_counter() - started
+        log(f"classifying {len(queries.pixels):,} images"
+            + (f" on the cluster {cluster}" if cluster else ""))
+        result = classifier.classify(queries.pixels)
     summary = {"input": queries.description, "n": len(queries.pixels), "k": classifier.k,
                "collection": collection_name, "index": index_name,
                "factory": collection.indexes[index_name]["factory"],

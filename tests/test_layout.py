@@ -17,7 +17,7 @@ LAYERS = [
     {"store"},
     {"index"},
     {"classify"},
-    {"api", "estimator"},
+    {"api", "estimator", "cluster"},
     {"evaluation"},
     {"render"},
     {"serve"},

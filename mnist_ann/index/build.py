@@ -15,10 +15,12 @@ from mnist_ann.errors import InvalidArgument, MnistAnnError
 from mnist_ann.fileio import checkpoint, remove_stale_temporaries, write_named_by_content
 from mnist_ann.index.layers import index_layers, make_factory_index
 from mnist_ann.index.recipes import Recipe, check_trainable, focused_grid
+from mnist_ann.index.sharded import shard_ranges
 from mnist_ann.machine import simd_level
 from mnist_ann.runtime import Log, Progress, faiss_threads, no_progress, silent
 from mnist_ann.store.collection import (
     RECORD_SUFFIX,
+    SHARD_LIST_SUFFIX,
     SPEC_FIELDS,
     TEST_FILE,
     TRAIN_FILE,
@@ -44,22 +46,51 @@ def make_index(recipe: Recipe, dimension: int) -> faiss.Index:
     return index
 
 
-def train_and_add(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = silent,
-                  progress: Progress = no_progress) -> None:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+def train_index(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = silent) -> None:
     if not index.is_trained:
         log(f"{label}: training on {len(vectors):,} vectors")
         try:
-            index.train(vectors)
+            index.train(np.ascontiguousarray(vectors, dtype=np.float32))
         except RuntimeError as exc:
             raise MnistAnnError(f"{label}: FAISS could not train: "
                                 f"{str(exc).strip().splitlines()[-1]}") from exc
+
+
+def train_and_add(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = silent,
+                  progress: Progress = no_progress) -> None:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    train_index(index, vectors, label, log)
     with progress(f"{label}: adding", len(vectors)) as bar:
         for start in range(0, len(vectors), ADD_BATCH):
             batch = vectors[start:start + ADD_BATCH]
             index.add(batch)
             bar.update(len(batch))
             checkpoint(f"added:{label}")
+
+
+def fill_shard(template: bytes, vectors: np.ndarray, label: str = "shard") -> memoryview:
+    """A shard: the trained, empty template index with `vectors` added, serialized."""
+    index = faiss.deserialize_index(np.frombuffer(template, dtype=np.uint8))
+    train_and_add(index, vectors, label)
+    return memoryview(faiss.serialize_index(index))
+
+
+def build_shards(recipe: Recipe, vectors: np.ndarray, ranges: list[tuple[int, int]],
+                 log: Log = silent, fill=None) -> list[memoryview]:
+    """The shards of `recipe` over `vectors`: one index trained on all of them (as the
+    unsharded build trains), then each shard filled with its range from that same trained
+    index, so that IVF shards together hold what the unsharded IVF holds. `fill(template,
+    vectors, ranges, label)` fills them elsewhere (a cluster); by default, here."""
+    template = make_index(recipe, vectors.shape[1])
+    train_index(template, vectors, recipe.name, log)
+    data = bytes(faiss.serialize_index(template))
+    del template
+    log(f"{recipe.name}: filling {len(ranges)} shards of about {len(vectors) // len(ranges):,} "
+        "rows")
+    if fill is not None:
+        return fill(data, vectors, ranges, recipe.name)
+    return [fill_shard(data, vectors[start:stop], f"{recipe.name} shard {number}")
+            for number, (start, stop) in enumerate(ranges)]
 
 
 def build_in_memory(recipe: Recipe, vectors: np.ndarray, threads: int | None = None,
@@ -104,6 +135,35 @@ def write_index(collection: Collection, manifest: dict, recipe: Recipe, data: me
     """
     filename, digest = write_named_by_content(collection.root, recipe.name, ".faiss", data)
     collection.record(manifest, filename, {"sha256": digest, "bytes": len(data)})
+    return _index_entry(collection, manifest, recipe, filename, digest, len(data), seconds,
+                        ntotal, threads)
+
+
+def write_sharded_index(collection: Collection, manifest: dict, recipe: Recipe,
+                        shards: list[memoryview], ranges: list[tuple[int, int]],
+                        seconds: float, threads: int) -> dict:
+    """Write each shard's file and the shard list naming them (their rows and sha256), and
+    record all in `manifest`; the index entry's file is the list, its build record binds the
+    list's checksum, so every shard is bound through it."""
+    listed = []
+    for number, (data, (start, stop)) in enumerate(zip(shards, ranges, strict=True)):
+        filename, digest = write_named_by_content(collection.root, f"{recipe.name}.s{number}",
+                                                  ".faiss", data)
+        collection.record(manifest, filename, {"sha256": digest, "bytes": len(data)})
+        listed.append({"file": filename, "sha256": digest, "bytes": len(data),
+                       "rows": [start, stop]})
+    shard_list = (json.dumps({"shards": listed}, indent=2) + "\n").encode()
+    list_file, list_digest = write_named_by_content(collection.root, recipe.name,
+                                                    SHARD_LIST_SUFFIX, shard_list)
+    collection.record(manifest, list_file, {"sha256": list_digest, "bytes": len(shard_list)})
+    entry = _index_entry(collection, manifest, recipe, list_file, list_digest,
+                         sum(len(data) for data in shards), seconds, ranges[-1][1], threads)
+    entry["shard_files"] = [shard["file"] for shard in listed]
+    return entry
+
+
+def _index_entry(collection: Collection, manifest: dict, recipe: Recipe, filename: str,
+                 digest: str, size: int, seconds: float, ntotal: int, threads: int) -> dict:
     # the build record binds the recipe (pipeline included) to the index file's checksum, so
     # that a manifest edited after the build cannot send queries through another pipeline
     record = json.dumps({**recipe.spec(), "index_sha256": digest}, indent=2, sort_keys=True)
@@ -123,7 +183,7 @@ def write_index(collection: Collection, manifest: dict, recipe: Recipe, data: me
         "train_sha256": manifest["files"][TRAIN_FILE]["sha256"],
         "ntotal": ntotal,
         "build_seconds": round(seconds, 3),
-        "bytes": len(data),
+        "bytes": size,
         "sha256": digest,
         "faiss_version": faiss.__version__,
         "simd": simd_level(),
@@ -137,20 +197,22 @@ def sweep_leftovers(root: Path, manifest: dict) -> None:
     files the manifest does not name. Only under the lock: a live writer writes and records
     its files while it holds it."""
     remove_stale_temporaries(root)
-    for pattern in ("*.faiss", f"*{RECORD_SUFFIX}"):
+    for pattern in ("*.faiss", f"*{RECORD_SUFFIX}", f"*{SHARD_LIST_SUFFIX}"):
         for path in root.glob(pattern):
             if path.name not in manifest["files"]:
                 path.unlink()
 
 
 def built_files(entry: dict) -> list[str]:
-    """The files an index entry owns: the index and its build record."""
-    return [entry[key] for key in ("file", "record") if key in entry]
+    """The files an index entry owns: the index (or its shard list and shards) and its build
+    record."""
+    return [*(entry[key] for key in ("file", "record") if key in entry),
+            *entry.get("shard_files", [])]
 
 
 def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | None = None,
                   force: bool = False, log: Log = silent,
-                  progress: Progress = no_progress) -> list[BuildResult]:
+                  progress: Progress = no_progress, fill=None) -> list[BuildResult]:
     """Build each recipe into the collection; keep indexes that are already current.
 
     Each index is built without the collection's lock; its files are then written and
@@ -187,15 +249,25 @@ def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | 
                 vectors[recipe.pipeline] = apply_pipeline(recipe.pipeline,
                                                           collection.train().pixels)
             started = time.perf_counter()
-            index = make_index(recipe, vectors[recipe.pipeline].shape[1])
-            train_and_add(index, vectors[recipe.pipeline], recipe.name, log, progress)
-            seconds, ntotal = time.perf_counter() - started, int(index.ntotal)
-            data = memoryview(faiss.serialize_index(index))
-            del index
+            if recipe.shards > 1:
+                ranges = shard_ranges(len(vectors[recipe.pipeline]), recipe.shards)
+                data = build_shards(recipe, vectors[recipe.pipeline], ranges, log, fill)
+            else:
+                index = make_index(recipe, vectors[recipe.pipeline].shape[1])
+                train_and_add(index, vectors[recipe.pipeline], recipe.name, log, progress)
+                ntotal = int(index.ntotal)
+                data = memoryview(faiss.serialize_index(index))
+                del index
+            seconds = time.perf_counter() - started
             with collection.writing(log) as change:
                 manifest = change.manifest
                 check_clashes(manifest, [recipe], force)  # another command may have built it
-                entry = write_index(collection, manifest, recipe, data, seconds, ntotal, used)
+                if recipe.shards > 1:
+                    entry = write_sharded_index(collection, manifest, recipe, data, ranges,
+                                                seconds, used)
+                else:
+                    entry = write_index(collection, manifest, recipe, data, seconds, ntotal,
+                                        used)
                 previous = manifest["indexes"].get(recipe.name)
                 manifest["indexes"][recipe.name] = entry
                 stale = [f for f in built_files(previous or {}) if f not in built_files(entry)]

@@ -20,8 +20,9 @@ from mnist_ann.index.searchers import (
     RerankSearcher,
     Searcher,
     searched_index,
+    space_transforms,
 )
-from mnist_ann.index.space import RankingSpace
+from mnist_ann.index.space import RankingSpace, image_space
 
 SearcherKind = Callable[[Recipe, faiss.Index, RankingSpace, str], Searcher]
 
@@ -73,3 +74,10 @@ def make_reranked(recipe: Recipe, base: Searcher, train: Table, name: str) -> Se
         raise InvalidArgument(f"{name}: unknown re-rank stage {recipe.rerank!r}; known: "
                               f"{', '.join(RERANKERS)}")
     return RERANKERS[recipe.rerank](base, train, recipe, name)
+
+
+def shard_searcher(recipe: Recipe, index: faiss.Index, shard_pixels, name: str) -> Searcher:
+    """The searcher of one shard, ranking exactly over the shard's own training rows."""
+    space = image_space(f"{name}-rows", recipe.pipeline, space_transforms(recipe, index),
+                        shard_pixels, owner=index)
+    return make_searcher(recipe, index, space, name)

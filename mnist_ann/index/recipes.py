@@ -6,6 +6,7 @@ Build arguments are kept apart from search arguments, like ann-benchmarks' `args
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -44,6 +45,9 @@ class Recipe:
     focus_grid: dict = field(default_factory=dict)
     # a second stage re-ranking the index's candidates by another distance ("idm")
     rerank: str | None = None
+    # the training rows split into this many contiguous ranges, one index file each
+    # (sharded.py), searched shard by shard and merged exactly
+    shards: int = 1
 
     def spec(self) -> dict:
         """What identifies the built file: two builds with equal specs are interchangeable."""
@@ -53,6 +57,8 @@ class Recipe:
             spec["certified"] = True
         if self.rerank:
             spec["rerank"] = self.rerank
+        if self.shards > 1:
+            spec["shards"] = self.shards
         return spec
 
     @classmethod
@@ -63,7 +69,8 @@ class Recipe:
                    dict(entry.get("search_defaults") or {}),
                    dict(entry.get("search_grid") or {}), entry["recipe"] in BUILTIN,
                    tuple(entry.get("pipeline") or ()), entry.get("rank_space", "input"),
-                   bool(entry.get("certified")), focus_of(entry), entry.get("rerank"))
+                   bool(entry.get("certified")), focus_of(entry), entry.get("rerank"),
+                   int(entry.get("shards", 1)))
 
 
 def fitted_nlist(n_train: int) -> int:
@@ -278,6 +285,16 @@ def resolve_recipe(text: str, n_train: int, dimension: int = N_PIXELS) -> Recipe
         raise InvalidArgument(f"{match['name']!r} is a built-in recipe; give the custom index "
                               "another name")
     return custom_recipe(match["name"], match["factory"], dimension)
+
+
+def with_shards(recipe: Recipe, shards: int) -> Recipe:
+    """`recipe` built as `shards` indexes over contiguous ranges of the training rows."""
+    if shards == 1:
+        return recipe
+    if recipe.certified or recipe.rerank:
+        raise InvalidArgument(f"{recipe.name}: a certified or re-ranked index is not sharded "
+                              "(yet); shard flat, IVF, HNSW or PCA recipes")
+    return dataclasses.replace(recipe, shards=shards)
 
 
 def check_trainable(recipe: Recipe, n_train: int, dimension: int = N_PIXELS) -> None:

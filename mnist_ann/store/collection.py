@@ -42,8 +42,10 @@ DEFAULT_STORE = Path("indexes")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 # what identifies a built index; the build record beside the index file repeats these
-SPEC_FIELDS = ("recipe", "factory", "build_args", "pipeline", "rank_space", "certified")
+SPEC_FIELDS = ("recipe", "factory", "build_args", "pipeline", "rank_space", "certified",
+               "shards")
 RECORD_SUFFIX = ".build.json"
+SHARD_LIST_SUFFIX = ".shards.json"
 MANIFEST_LIMIT = 16 << 20  # bytes: a manifest is a few kilobytes
 
 
@@ -138,6 +140,7 @@ def check_manifest(manifest: dict, path: Path) -> None:
         raise damaged_manifest(path, "the manifest's files or indexes are malformed")
     named = list(files) + [entry.get(key) for entry in indexes.values()
                            for key in ("file", "record") if key in entry]
+    named += [name for entry in indexes.values() for name in entry.get("shard_files", [])]
     for filename in named:
         if not isinstance(filename, str) or not _FILE_PATTERN.match(filename):
             raise damaged_manifest(path, f"the manifest names a file {filename!r} that is not "
@@ -151,7 +154,8 @@ class StoredIndex:
 
     name: str
     entry: dict
-    index: object  # faiss.Index
+    index: object  # faiss.Index; for a sharded index, the first shard's
+    shards: tuple = ()  # a sharded index's ShardFile entries, in row order
 
     @property
     def space_key(self) -> str:
@@ -161,6 +165,15 @@ class StoredIndex:
         if self.entry.get("rank_space") == "index":
             return f"{key}-{self.entry['sha256'][:12]}"
         return key
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard of a sharded index: its file, checksum and training rows [start, stop)."""
+
+    file: str
+    sha256: str
+    rows: tuple[int, int]
 
 
 @dataclass
@@ -322,8 +335,42 @@ class Collection:
         if recorded != entry.get("sha256"):
             raise self._damaged(self.root / entry["file"],
                                 "is not the file the manifest's index entry names")
+        if int(entry.get("shards", 1)) > 1:
+            shards = self.shard_files(name)
+            return StoredIndex(name, entry, [self.read_shard(shard) for shard in shards],
+                               shards)
         return StoredIndex(name, entry, self._read_index(self.root / entry["file"],
                                                           entry["sha256"]))
+
+    def shard_files(self, name: str) -> tuple[ShardFile, ...]:
+        """The shards of sharded index `name`, from its shard list (verified against the
+        manifest, which the build record binds), each checked to be recorded as listed."""
+        entry = self._entry(name)
+        path = self.root / entry["file"]
+        try:
+            listed = json.loads(self.read_verified(entry["file"]))["shards"]
+            shards = tuple(ShardFile(item["file"], item["sha256"],
+                                     (int(item["rows"][0]), int(item["rows"][1])))
+                           for item in listed)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise self._damaged(path, f"is not a shard list ({exc})") from exc
+        expected_start = 0
+        for shard in shards:
+            if not _FILE_PATTERN.match(shard.file) or self.manifest["files"].get(
+                    shard.file, {}).get("sha256") != shard.sha256:
+                raise self._damaged(self.root / shard.file,
+                                    "is not the shard file its shard list names")
+            if shard.rows[0] != expected_start or shard.rows[1] <= shard.rows[0]:
+                raise self._damaged(path, "lists shards whose rows are not contiguous")
+            expected_start = shard.rows[1]
+        if expected_start != entry.get("ntotal"):
+            raise self._damaged(path, f"lists {expected_start:,} rows, not the index's "
+                                      f"{entry.get('ntotal')}")
+        return shards
+
+    def read_shard(self, shard: ShardFile) -> object:
+        """One shard's FAISS index, read only after its checksum passes."""
+        return self._read_index(self.root / shard.file, shard.sha256)
 
     def _entry(self, name: str) -> dict:
         entry = self.indexes.get(name)

@@ -1,0 +1,222 @@
+"""Sharded indexes: the exact merge, shards that together equal the unsharded index, a
+tampered shard refused, and the same search on a real Dask LocalCluster (two worker
+processes on loopback), a worker killed mid-query included."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_clean_error, clustered_digits, make_collection, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mnist_ann.api import Collection, Store
+from mnist_ann.cluster import connected
+from mnist_ann.index.build import build_indexes
+from mnist_ann.index.neighbours import MISSING, Neighbours
+from mnist_ann.index.recipes import resolve_recipe, with_shards
+from mnist_ann.index.sharded import merge_shards, shard_ranges
+
+# --- the merge ------------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_merge_is_the_exact_order_over_every_shard(data) -> None:
+    sizes = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=5))
+    n_queries = data.draw(st.integers(1, 4))
+    k = data.draw(st.integers(1, sum(sizes)))
+    # few distinct distances: many ties, across shard boundaries
+    everything = np.array(data.draw(st.lists(
+        st.lists(st.integers(0, 3), min_size=sum(sizes), max_size=sum(sizes)),
+        min_size=n_queries, max_size=n_queries)), dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    parts = []
+    for offset, size in zip(offsets, sizes, strict=True):
+        local = everything[:, offset:offset + size]
+        width = min(k, size)  # each shard's own exact top k, by (distance, local row)
+        order = np.lexsort((np.broadcast_to(np.arange(size), local.shape), local),
+                           axis=1)[:, :width]
+        parts.append(Neighbours(order, np.take_along_axis(local, order, 1)))
+    arrival = data.draw(st.permutations(range(len(sizes))))  # shards answer in any order
+    merged = merge_shards([parts[i] for i in arrival], [int(offsets[i]) for i in arrival], k)
+    rows = np.broadcast_to(np.arange(sum(sizes)), everything.shape)
+    expected = np.lexsort((rows, everything), axis=1)[:, :k]
+    np.testing.assert_array_equal(merged.rows, expected)
+    np.testing.assert_array_equal(merged.distances, np.take_along_axis(everything, expected, 1))
+
+
+def test_missing_neighbours_stay_last() -> None:
+    parts = [Neighbours(np.array([[0, -1]]), np.array([[5, MISSING]])),
+             Neighbours(np.array([[1, 0]]), np.array([[2, 9]]))]
+    merged = merge_shards(parts, [0, 2], 3)
+    np.testing.assert_array_equal(merged.rows, [[3, 0, 2]])
+
+
+def test_shard_ranges_cover_the_rows_contiguously() -> None:
+    assert shard_ranges(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert shard_ranges(5, 5)[-1] == (4, 5)
+    with pytest.raises(Exception, match="between 1 and the 5"):
+        shard_ranges(5, 6)
+
+
+# --- sharded indexes in a collection -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Collection:
+    """A synthetic collection with flat and IVF, each unsharded and in 3 shards."""
+    store = tmp_path_factory.mktemp("sharded-store")
+    images, labels = clustered_digits(4000, seed=31)
+    images[::7] = images[::7] // 64 * 64  # coarse pixels: many equal distances
+    collection = make_collection(store, "shd", images, labels)
+    n = len(collection.train())
+    recipes = [resolve_recipe("flat", n), resolve_recipe("ivf64=IVF64,Flat", n),
+               with_shards(resolve_recipe("flat3=Flat", n), 3),
+               with_shards(resolve_recipe("ivf64s3=IVF64,Flat", n), 3)]
+    build_indexes(collection, recipes, threads=1)
+    return Collection.open(store, "shd")
+
+
+def test_sharded_flat_equals_flat_ties_included(sharded: Collection) -> None:
+    queries = sharded.test().pixels
+    flat = sharded.searcher("flat").search(queries, 7)
+    shards = sharded.searcher("flat3")
+    assert [shard.ntotal for shard in shards.shards] == [1200, 1200, 1200]
+    found = shards.search(queries, 7)
+    np.testing.assert_array_equal(found.rows, flat.rows)
+    np.testing.assert_array_equal(found.distances, flat.distances)
+    assert found.stats == {"shards": 3}
+    assert (np.diff(flat.distances, axis=1) == 0).any()  # the ties are there to be broken
+
+
+def test_ivf_shards_filled_from_one_trained_index_equal_the_unsharded_ivf(sharded) -> None:
+    queries = sharded.test().pixels
+    for nprobe in (1, 4, 64):
+        whole = sharded.searcher("ivf64").search(queries, 7, {"nprobe": nprobe})
+        shards = sharded.searcher("ivf64s3").search(queries, 7, {"nprobe": nprobe})
+        np.testing.assert_array_equal(shards.rows, whole.rows)
+        np.testing.assert_array_equal(shards.distances, whole.distances)
+
+
+def test_a_sharded_index_is_recorded_shard_by_shard(sharded: Collection) -> None:
+    entry = sharded.indexes["flat3"]
+    listed = json.loads((sharded.root / entry["file"]).read_text())["shards"]
+    assert [shard["rows"] for shard in listed] == [[0, 1200], [1200, 2400], [2400, 3600]]
+    for shard in listed:
+        assert sharded.manifest["files"][shard["file"]]["sha256"] == shard["sha256"]
+    assert entry["shard_files"] == [shard["file"] for shard in listed]
+    assert run_cli("verify", "shd", "--store", sharded.root.parent).exit_code == 0
+
+
+def test_a_tampered_shard_is_refused(sharded: Collection, tmp_path: Path) -> None:
+    from conftest import writable_copy
+
+    copy = writable_copy(sharded, tmp_path / "store")
+    second = copy.indexes["flat3"]["shard_files"][1]
+    data = bytearray((copy.root / second).read_bytes())
+    data[-100] ^= 1
+    (copy.root / second).write_bytes(bytes(data))
+    result = run_cli("query", "--store", copy.root.parent, "--collection", "shd", "--index",
+                     "flat3", "-q")
+    assert_clean_error(result, 1, "fails its checksum")
+    assert second in result.stderr
+    verify = run_cli("verify", "shd", "--store", copy.root.parent)
+    assert verify.exit_code == 1 and second in verify.output + verify.stderr
+
+
+def test_sharding_is_refused_where_it_does_not_apply(sharded: Collection) -> None:
+    with pytest.raises(Exception, match="not sharded"):
+        with_shards(resolve_recipe("exact-pca", 3600), 2)
+    assert_clean_error(run_cli("build", "--store", sharded.root.parent, "--collection", "shd",
+                               "--index", "flat", "--cluster", "local:2"), 2,
+                       "--cluster builds the shards")
+    assert_clean_error(run_cli("query", "--store", sharded.root.parent, "--collection", "shd",
+                               "--index", "flat", "--cluster", "nowhere"), 2, "local:W")
+
+
+# --- on a Dask cluster ------------------------------------------------------------------------
+
+def test_a_local_cluster_builds_the_same_shards_and_searches_them_exactly(
+        sharded: Collection, tmp_path: Path) -> None:
+    from conftest import writable_copy
+
+    copy = writable_copy(sharded, tmp_path / "store")
+    store = copy.root.parent
+    result = run_cli("build", "--store", store, "--collection", "shd", "--index",
+                     "ivf64s3=IVF64,Flat", "--shards", "3", "--cluster", "local:2", "--force",
+                     "-q")
+    assert result.exit_code == 0, result.stderr
+    rebuilt = Collection.open(store, "shd")
+    assert rebuilt.indexes["ivf64s3"]["shard_files"] == \
+        sharded.indexes["ivf64s3"]["shard_files"]  # the same bytes: named by content
+    flat = sharded.classifier("flat").classify(sharded.test().pixels)
+    out = tmp_path / "out.csv"
+    queried = run_cli("query", "--store", store, "--collection", "shd", "--index", "flat3",
+                      "--cluster", "local:2", "--output", out, "--json", "-q")
+    assert queried.exit_code == 0, queried.stderr
+    summary = json.loads(queried.stdout)
+    assert summary["accuracy"] == pytest.approx(np.mean(flat.predictions ==
+                                                        sharded.test().labels))
+    assert summary["shards"] == {"shards": 3}
+    import pandas as pd
+
+    written = pd.read_csv(out)
+    assert (written["predicted"].to_numpy() == flat.predictions).all()
+
+
+def test_a_worker_killed_mid_query_changes_nothing(sharded: Collection) -> None:
+    queries = np.tile(sharded.test().pixels, (100, 1))  # 40,000 queries: about 3 s here
+    expected = sharded.searcher("flat").search(queries[:400], 7)
+    seed = Store(sharded.root.parent)["shd"]
+    with connected("local:2") as cluster:
+        classifier = seed.classifier("flat3", cluster=cluster)
+        np.testing.assert_array_equal(classifier.neighbours(queries[:400]).rows, expected.rows)
+        pids = list(cluster.client.run(os.getpid).values())
+        answer: dict = {}
+        searching = threading.Thread(
+            target=lambda: answer.update(found=classifier.neighbours(queries)))
+        searching.start()
+        time.sleep(0.5)
+        assert searching.is_alive()  # the kill lands mid-query
+        os.kill(pids[0], signal.SIGKILL)
+        searching.join(timeout=240)
+        assert "found" in answer, "the query did not finish"
+        found = answer["found"]
+        np.testing.assert_array_equal(found.rows[:400], expected.rows)
+        np.testing.assert_array_equal(found.rows[400:800], expected.rows)
+
+
+def test_an_unreachable_cluster_is_one_line(sharded: Collection) -> None:
+    result = run_cli("query", "--store", sharded.root.parent, "--collection", "shd",
+                     "--index", "flat3", "--cluster", "tcp://127.0.0.1:9", "-q")
+    assert_clean_error(result, 1, "cannot reach the Dask cluster")
+
+
+# --- the real seed split ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sharded_flat_on_a_local_cluster_gives_the_study_exactly(seed_collection, seed_flat,
+                                                                  tmp_path: Path) -> None:
+    from conftest import writable_copy
+
+    copy = writable_copy(seed_collection, tmp_path / "store")
+    store = copy.root.parent
+    built = run_cli("build", "--store", store, "--collection", "seed", "--index",
+                    "shard4=Flat", "--shards", "4", "--cluster", "local:2", "-q")
+    assert built.exit_code == 0, built.stderr
+    out = tmp_path / "shard4.parquet"
+    result = run_cli("query", "--store", store, "--collection", "seed", "--index", "shard4",
+                     "--cluster", "local:2", "--output", out, "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy"] == 0.9687142857142857
+    import pyarrow.parquet as pq
+
+    written = pq.read_table(out).to_pydict()
+    ids = np.array(written["neighbors"])
+    np.testing.assert_array_equal(ids, seed_flat.neighbour_ids)
