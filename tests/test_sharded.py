@@ -220,3 +220,15 @@ def test_sharded_flat_on_a_local_cluster_gives_the_study_exactly(seed_collection
     written = pq.read_table(out).to_pydict()
     ids = np.array(written["neighbors"])
     np.testing.assert_array_equal(ids, seed_flat.neighbour_ids)
+
+
+def test_dropping_a_sharded_index_removes_every_shard(sharded: Collection, tmp_path) -> None:
+    from conftest import writable_copy
+
+    copy = writable_copy(sharded, tmp_path / "store")
+    owned = [copy.indexes["flat3"]["file"], *copy.indexes["flat3"]["shard_files"]]
+    result = run_cli("drop", "shd", "--index", "flat3", "--store", copy.root.parent)
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((copy.root / "manifest.json").read_text())
+    assert not any((copy.root / name).exists() or name in manifest["files"] for name in owned)
+    assert run_cli("verify", "shd", "--store", copy.root.parent).exit_code == 0

@@ -26,6 +26,7 @@ from mnist_ann.store.collection import (
     TRAIN_FILE,
     Collection,
     ensure_writable,
+    owned_files,
 )
 
 ADD_BATCH = 8192
@@ -203,13 +204,6 @@ def sweep_leftovers(root: Path, manifest: dict) -> None:
                 path.unlink()
 
 
-def built_files(entry: dict) -> list[str]:
-    """The files an index entry owns: the index (or its shard list and shards) and its build
-    record."""
-    return [*(entry[key] for key in ("file", "record") if key in entry),
-            *entry.get("shard_files", [])]
-
-
 def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | None = None,
                   force: bool = False, log: Log = silent,
                   progress: Progress = no_progress, fill=None) -> list[BuildResult]:
@@ -270,7 +264,7 @@ def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | 
                                         used)
                 previous = manifest["indexes"].get(recipe.name)
                 manifest["indexes"][recipe.name] = entry
-                stale = [f for f in built_files(previous or {}) if f not in built_files(entry)]
+                stale = [f for f in owned_files(previous or {}) if f not in owned_files(entry)]
                 for filename in stale:
                     manifest["files"].pop(filename, None)
                 change.obsolete += stale

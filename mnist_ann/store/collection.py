@@ -138,13 +138,18 @@ def check_manifest(manifest: dict, path: Path) -> None:
             for record in files.values()) or not all(
             isinstance(entry, dict) for entry in indexes.values()):
         raise damaged_manifest(path, "the manifest's files or indexes are malformed")
-    named = list(files) + [entry.get(key) for entry in indexes.values()
-                           for key in ("file", "record") if key in entry]
-    named += [name for entry in indexes.values() for name in entry.get("shard_files", [])]
+    named = list(files) + [name for entry in indexes.values() for name in owned_files(entry)]
     for filename in named:
         if not isinstance(filename, str) or not _FILE_PATTERN.match(filename):
             raise damaged_manifest(path, f"the manifest names a file {filename!r} that is not "
                                          "a plain file name in the collection", IntegrityError)
+
+
+def owned_files(entry: dict) -> list:
+    """The files an index entry owns: the index (or its shard list and shards) and its build
+    record."""
+    return [*(entry[key] for key in ("file", "record") if key in entry),
+            *entry.get("shard_files", [])]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from mnist_ann.store.collection import (
     Collection,
     ensure_writable,
     file_record,
+    owned_files,
     validate_name,
     write_table,
 )
@@ -166,7 +167,7 @@ def drop_index(collection: Collection, name: str, log: Log = silent) -> list[str
             known = ", ".join(change.manifest["indexes"]) or "none"
             raise MnistAnnError(f"collection {collection.name!r} has no index {name!r} "
                                 f"(built: {known})")
-        owned = [entry[key] for key in ("file", "record") if key in entry]
+        owned = owned_files(entry)
         for filename in owned:
             change.manifest["files"].pop(filename, None)
         change.obsolete += owned
