@@ -221,7 +221,6 @@ def _load_shard(task: ShardTask):
         raise MnistAnnError(f"{collection.root}: the index or its training table changed "
                             "while it was being searched; run the query again")
     index = collection.read_shard(task.shard)  # its checksum passes before FAISS parses it
-    start, stop = task.shard.rows
-    pixels = np.array(collection.train().pixels[start:stop])  # the shard's rows only
+    pixels = collection.train_rows(*task.shard.rows).pixels  # the shard's rows only
     recipe = Recipe.from_entry(task.entry)
     return shard_searcher(recipe, index, pixels, task.shard.file)

@@ -232,3 +232,32 @@ def test_dropping_a_sharded_index_removes_every_shard(sharded: Collection, tmp_p
     manifest = json.loads((copy.root / "manifest.json").read_text())
     assert not any((copy.root / name).exists() or name in manifest["files"] for name in owned)
     assert run_cli("verify", "shd", "--store", copy.root.parent).exit_code == 0
+
+
+def test_a_shard_reads_only_the_row_groups_of_its_rows(tmp_path, monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
+    from mnist_ann.data import tables
+
+    monkeypatch.setattr(tables, "ROW_GROUP_ROWS", 1000)
+    images, labels = clustered_digits(4000, seed=5)
+    collection = make_collection(tmp_path / "store", "groups", images, labels)
+    assert pq.ParquetFile(collection.root / "train.parquet").metadata.num_row_groups == 4
+    asked: list = []
+    real = pq.ParquetFile.read_row_groups
+
+    def spy(self, groups, *args, **kwargs):
+        asked.append(list(groups))
+        return real(self, groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    rows = collection.train_rows(1200, 2400)
+    assert asked == [[1, 2]]
+    whole = collection.train()
+    np.testing.assert_array_equal(rows.pixels, whole.pixels[1200:2400])
+    np.testing.assert_array_equal(rows.ids, whole.ids[1200:2400])
+    data = bytearray((collection.root / "train.parquet").read_bytes())
+    data[len(data) // 2] ^= 1
+    (collection.root / "train.parquet").write_bytes(bytes(data))
+    with pytest.raises(Exception, match="fails its checksum"):
+        Collection.open(tmp_path / "store", "groups").train_rows(0, 10)

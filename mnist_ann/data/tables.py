@@ -26,6 +26,8 @@ TABLE_SCHEMA = pa.schema([
     pa.field("pixels", PIXELS_TYPE, nullable=False),
 ])
 COMPRESSION = "zstd"
+# rows of a Parquet row group: a reader of some rows (a shard's) decodes only their groups
+ROW_GROUP_ROWS = 65_536
 # a row of pixels as 784 eight-byte integers, with its id and label: the most a row may take
 MAX_ROW_BYTES = N_PIXELS * 8 + 64
 
@@ -54,7 +56,8 @@ def table_to_arrow(table: Table) -> pa.Table:
 
 def write_parquet(table: Table, path: Path) -> None:
     """Write `table` to `path` as it stands (callers choose the temporary name)."""
-    pq.write_table(table_to_arrow(table), path, compression=COMPRESSION)
+    pq.write_table(table_to_arrow(table), path, compression=COMPRESSION,
+                   row_group_size=ROW_GROUP_ROWS)
 
 
 def _pixels(column: pa.ChunkedArray, what: str) -> np.ndarray:
@@ -147,6 +150,28 @@ def read_arrow(source: Path | bytes, what: str, max_rows: int | None = None) -> 
         return parquet.read()
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{what}: not a readable Parquet file ({exc})") from exc
+
+
+def read_rows(source, start: int, stop: int, what: str) -> Table:
+    """Rows [start, stop) of a Parquet table (a path or an open file), decoding only the row
+    groups that hold them."""
+    try:
+        parquet = pq.ParquetFile(source)
+        groups, first, position = [], None, 0
+        for number in range(parquet.metadata.num_row_groups):
+            size = parquet.metadata.row_group(number).num_rows
+            if position < stop and position + size > start:
+                groups.append(number)
+                first = position if first is None else first
+            position += size
+        if not 0 <= start < stop <= position:
+            raise DataError(f"{what}: rows {start:,} to {stop:,} asked of {position:,}")
+        arrow = parquet.read_row_groups(groups)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{what}: not a readable Parquet file ({exc})") from exc
+    table = arrow_to_table(arrow.slice(start - first, stop - start), what)
+    return Table(table.ids.copy(), None if table.labels is None else table.labels.copy(),
+                 table.pixels.copy())
 
 
 def read_parquet(path: Path, max_rows: int | None = None) -> Table:

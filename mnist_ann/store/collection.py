@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_ann.data.mnist import Split
-from mnist_ann.data.tables import Table, arrow_to_table, read_arrow, write_parquet
+from mnist_ann.data.tables import Table, arrow_to_table, read_arrow, read_rows, write_parquet
 from mnist_ann.errors import DataError, IntegrityError, InvalidArgument, MnistAnnError
 from mnist_ann.fileio import (
     atomic_path,
@@ -320,6 +320,27 @@ class Collection:
 
     def train(self) -> Table:
         return self.table(TRAIN_FILE)
+
+    def train_rows(self, start: int, stop: int) -> Table:
+        """Training rows [start, stop) alone (a shard's), the file's checksum checked first
+        on the same open file, and only their row groups decoded: memory follows the rows
+        asked for, not the table."""
+        record = self._record(TRAIN_FILE)
+        path = self.root / TRAIN_FILE
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            raise self._damaged(path, "is missing") from None
+        with handle:
+            before = os.fstat(handle.fileno())
+            if sha256_handle(handle) != record["sha256"]:
+                raise self._damaged(path, "fails its checksum (changed since it was written)")
+            handle.seek(0)
+            rows = read_rows(handle, start, stop, str(path))
+            after = os.fstat(handle.fileno())
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            raise self._damaged(path, "was changed while it was being read")
+        return rows
 
     def test(self) -> Table:
         return self.table(TEST_FILE)
