@@ -73,8 +73,11 @@ def measure_cluster(collection: Collection, name: str, queries: np.ndarray, work
         client = cluster.client
         started = time.perf_counter()
         sent = client.scatter(queries, broadcast=True)
-        results = client.gather([client.submit(timed_search, task, sent, 7, {}, pure=False)
-                                 for task in tasks])
+        homes = cluster.homes(len(tasks))
+        results = client.gather([client.submit(timed_search, task, sent, 7, {}, pure=False,
+                                               workers=homes[number],
+                                               allow_other_workers=True)
+                                 for number, task in enumerate(tasks)])
         merge_started = time.perf_counter()
         found = merge_shards([part for part, _ in results], offsets, 7)
         merge_seconds = time.perf_counter() - merge_started

@@ -119,9 +119,6 @@ class Collection(stored.Collection):
         train = self.train()
         if train.labels is None:
             raise MnistAnnError(f"{self.name}: the training table has no labels")
-        if cluster is not None and int(self._entry(name).get("shards", 1)) < 2:
-            raise MnistAnnError(f"index {name!r} is not sharded: a cluster searches the "
-                                "shards of an index built with --shards N")
         searcher = self.searcher(name) if cluster is None else cluster.searcher(self, name)
         if k is None:
             k = int(getattr(searcher, "default_k", None) or 7)

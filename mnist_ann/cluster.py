@@ -108,7 +108,12 @@ class Cluster:
 
     def searcher(self, collection, name: str) -> ShardedSearcher:
         """Index `name` of `collection`, its shards searched on the workers."""
+        if name not in collection.indexes:
+            collection.load_index(name)  # an unknown index: its own error
         entry = collection.indexes[name]
+        if int(entry.get("shards", 1)) < 2:
+            raise MnistAnnError(f"index {name!r} is not sharded: a cluster searches the "
+                                "shards of an index built with --shards N")
         shards = collection.shard_files(name)  # the shard list, verified here first
         train_sha = collection.manifest["files"][TRAIN_FILE]["sha256"]
         tasks = [ShardTask(str(collection.root.parent), collection.name, entry, shard,
@@ -117,13 +122,25 @@ class Cluster:
 
         def search_shards(queries: np.ndarray, k: int, params: Mapping | None):
             sent = self.client.scatter(np.ascontiguousarray(queries), broadcast=True)
+            homes = self.homes(len(tasks))
             futures = [self.client.submit(search_shard, task, sent,
                                           min(k, task.shard.rows[1] - task.shard.rows[0]),
-                                          dict(params or {}), pure=False) for task in tasks]
+                                          dict(params or {}), pure=False,
+                                          workers=homes[number], allow_other_workers=True)
+                       for number, task in enumerate(tasks)]
             return self._gather(futures, f"searching {name}'s shards")
 
         return ShardedSearcher(remote, [shard.rows for shard in shards], name,
                                SpaceName.of(entry), search_shards)
+
+    def homes(self, count: int) -> list:
+        """The worker each of `count` shards is sent to: shard i to the i-th worker, round
+        the sorted addresses, so that each worker loads and keeps about 1/W of the shards
+        (a task whose worker is gone runs on another)."""
+        addresses = sorted(self.client.scheduler_info()["workers"])
+        if not addresses:
+            return [None] * count
+        return [[addresses[number % len(addresses)]] for number in range(count)]
 
     def _gather(self, futures: list, doing: str) -> list:
         try:
@@ -186,6 +203,12 @@ class RemoteShard:
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+
+
+def cached_shards() -> list[str]:
+    """The sha256s of the shards this worker holds loaded (for `client.run`)."""
+    with _CACHE_LOCK:
+        return [shard for shard, _ in _CACHE]
 
 
 def search_shard(task: ShardTask, queries: np.ndarray, k: int, params: dict) -> Neighbours:

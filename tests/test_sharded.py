@@ -170,6 +170,19 @@ def test_a_local_cluster_builds_the_same_shards_and_searches_them_exactly(
     assert (written["predicted"].to_numpy() == flat.predictions).all()
 
 
+def test_each_worker_keeps_its_own_shards(sharded: Collection) -> None:
+    from mnist_ann.cluster import cached_shards
+
+    seed = Store(sharded.root.parent)["shd"]
+    with connected("local:2") as cluster:
+        classifier = seed.classifier("flat3", cluster=cluster)
+        for _ in range(3):
+            classifier.neighbours(sharded.test().pixels[:50])
+        held = list(cluster.client.run(cached_shards).values())
+    assert sorted(map(len, held)) == [1, 2]  # 3 shards dealt round 2 workers, none twice
+    assert set(held[0]).isdisjoint(held[1])
+
+
 def test_a_worker_killed_mid_query_changes_nothing(sharded: Collection) -> None:
     queries = np.tile(sharded.test().pixels, (100, 1))  # 40,000 queries: about 3 s here
     expected = sharded.searcher("flat").search(queries[:400], 7)
@@ -196,6 +209,9 @@ def test_an_unreachable_cluster_is_one_line(sharded: Collection) -> None:
     result = run_cli("query", "--store", sharded.root.parent, "--collection", "shd",
                      "--index", "flat3", "--cluster", "tcp://127.0.0.1:9", "-q")
     assert_clean_error(result, 1, "cannot reach the Dask cluster")
+    unsharded = run_cli("query", "--store", sharded.root.parent, "--collection", "shd",
+                        "--index", "flat", "--cluster", "local:1", "-q")
+    assert_clean_error(unsharded, 1, "index 'flat' is not sharded")
 
 
 # --- the real seed split ----------------------------------------------------------------------
