@@ -72,11 +72,9 @@ def measure_cluster(collection: Collection, name: str, queries: np.ndarray, work
         searcher.search(queries[:10], 7)  # every shard loaded into a worker's cache
         client = cluster.client
         started = time.perf_counter()
-        sent = client.scatter(queries, broadcast=True)
         homes = cluster.homes(len(tasks))
-        results = client.gather([client.submit(timed_search, task, sent, 7, {}, pure=False,
-                                               workers=homes[number],
-                                               allow_other_workers=True)
+        results = client.gather([cluster.submit(timed_search, task, queries, 7, {},
+                                                 workers=homes[number])
                                  for number, task in enumerate(tasks)])
         merge_started = time.perf_counter()
         found = merge_shards([part for part, _ in results], offsets, 7)

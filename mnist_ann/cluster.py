@@ -99,10 +99,8 @@ class Cluster:
         """Each shard filled by a worker from the trained template (build's `fill`)."""
         from mnist_ann.index.build import fill_shard
 
-        shared = self.client.scatter(template, broadcast=True)
-        futures = [self.client.submit(_filled, shared,
-                                      self.client.scatter(np.ascontiguousarray(vectors[a:b])),
-                                      f"{label} shard {number}", fill_shard, pure=False)
+        futures = [self.submit(_filled, template, np.ascontiguousarray(vectors[a:b]),
+                                f"{label} shard {number}", fill_shard)
                    for number, (a, b) in enumerate(ranges)]
         return [memoryview(data) for data in self._gather(futures, "filling the shards")]
 
@@ -121,17 +119,29 @@ class Cluster:
         remote = [RemoteShard(task, f"{name}[{number}]") for number, task in enumerate(tasks)]
 
         def search_shards(queries: np.ndarray, k: int, params: Mapping | None):
-            sent = self.client.scatter(np.ascontiguousarray(queries), broadcast=True)
+            queries = np.ascontiguousarray(queries)
             homes = self.homes(len(tasks))
-            futures = [self.client.submit(search_shard, task, sent,
-                                          min(k, task.shard.rows[1] - task.shard.rows[0]),
-                                          dict(params or {}), pure=False,
-                                          workers=homes[number], allow_other_workers=True)
+            futures = [self.submit(search_shard, task, queries,
+                                    min(k, task.shard.rows[1] - task.shard.rows[0]),
+                                    dict(params or {}), workers=homes[number])
                        for number, task in enumerate(tasks)]
             return self._gather(futures, f"searching {name}'s shards")
 
         return ShardedSearcher(remote, [shard.rows for shard in shards], name,
                                SpaceName.of(entry), search_shards)
+
+    def submit(self, function, *args, workers=None):
+        """A task carrying its own arguments. Not scattered: data scattered to a worker is
+        lost with it, where a task's own arguments go with the task when Dask runs it again
+        elsewhere (and Dask's broadcast scatter was seen to hang here, workers gathering from
+        each other without end). Dask's warning about large arguments is expected."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="(Large object|Sending large graph)",
+                                    category=UserWarning)
+            return self.client.submit(function, *args, pure=False, workers=workers,
+                                      allow_other_workers=workers is not None)
 
     def homes(self, count: int) -> list:
         """The worker each of `count` shards is sent to: shard i to the i-th worker, round
