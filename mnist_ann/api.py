@@ -72,13 +72,13 @@ class Collection(stored.Collection):
 
     def _sharded(self, index: stored.StoredIndex, recipe: Recipe) -> ShardedSearcher:
         pixels = self.train().pixels
+        ranges = [shard.rows for shard in index.shards]
         shards = [shard_searcher(recipe, shard_index, pixels[start:stop],
                                  f"{index.name}[{number}]")
                   for number, (shard_index, (start, stop))
-                  in enumerate(zip(index.index, [s.rows for s in index.shards], strict=True))]
+                  in enumerate(zip(index.index, ranges, strict=True))]
         space = self.space(index.space_key, recipe, index.index[0])  # over every row
-        return ShardedSearcher(shards, [shard.rows for shard in index.shards], index.name,
-                               space)
+        return ShardedSearcher(shards, ranges, index.name, space)
 
     def defaults_changed(self, name: str) -> None:
         """Index `name`'s search defaults were changed in the manifest (by tune): searches

@@ -97,10 +97,8 @@ class Cluster:
     def fill_shards(self, template: bytes, vectors: np.ndarray,
                     ranges: list[tuple[int, int]], label: str) -> list[memoryview]:
         """Each shard filled by a worker from the trained template (build's `fill`)."""
-        from mnist_ann.index.build import fill_shard
-
         futures = [self.submit(_filled, template, np.ascontiguousarray(vectors[a:b]),
-                                f"{label} shard {number}", fill_shard)
+                               f"{label} shard {number}")
                    for number, (a, b) in enumerate(ranges)]
         return [memoryview(data) for data in self._gather(futures, "filling the shards")]
 
@@ -165,9 +163,12 @@ class Cluster:
                                 "cluster's workers") from exc
 
 
-def _filled(template: bytes, vectors: np.ndarray, label: str, fill) -> bytes:
+def _filled(template: bytes, vectors: np.ndarray, label: str) -> bytes:
+    """On a worker: one shard filled from the trained template (build.fill_shard)."""
+    from mnist_ann.index.build import fill_shard
+
     with faiss_threads(1):
-        return bytes(fill(template, vectors, label))
+        return bytes(fill_shard(template, vectors, label))
 
 
 @dataclass(frozen=True)

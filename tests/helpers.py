@@ -161,6 +161,21 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
+def forbid_the_test_set(collection, monkeypatch) -> None:
+    """Make any read of `collection`'s test table fail the test: the file is gone, and a
+    verified read of it asserts."""
+    from mnist_ann.store.collection import Collection
+
+    (collection.root / "test.parquet").unlink()
+    real_read = Collection.read_verified
+
+    def guarded(self, filename: str) -> bytes:
+        assert filename != "test.parquet", "tuning read the test set"
+        return real_read(self, filename)
+
+    monkeypatch.setattr(Collection, "read_verified", guarded)
+
+
 def wait_for_line(stream, text: str, timeout: float) -> str:
     """Read `stream` line by line until a line containing `text`; return what was read.
     Fails the test after `timeout` seconds or at the end of the stream."""

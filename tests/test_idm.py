@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import forbid_the_test_set, run_cli
 
 from mnist_ann.errors import InvalidArgument
 from mnist_ann.index.idm import (
@@ -189,14 +189,7 @@ def test_tune_chooses_within_the_budget_on_training_rows_only(idm_collection, mo
     from mnist_ann.api import Collection
     from mnist_ann.evaluation.tune import held_out_rows
 
-    (idm_collection.root / "test.parquet").unlink()  # any read of the test set now fails
-    real_read = Collection.read_verified
-
-    def guarded(self, filename: str) -> bytes:
-        assert filename != "test.parquet", "tuning read the test set"
-        return real_read(self, filename)
-
-    monkeypatch.setattr(Collection, "read_verified", guarded)
+    forbid_the_test_set(idm_collection, monkeypatch)
     result = run_cli("tune", "--collection", "small", "--index", "deskew-idm", "--budget", "8",
                      "--held-out", "150", "--json", "-q")
     assert result.exit_code == 0, result.stderr

@@ -11,6 +11,7 @@ from conftest import writable_copy
 from helpers import (
     assert_clean_error,
     exact_knn,
+    forbid_the_test_set,
     run_cli,
 )
 
@@ -81,14 +82,7 @@ def test_drop_self_leaves_the_other_neighbours() -> None:
 
 
 def test_tuning_never_reads_the_test_set(writable: Collection, monkeypatch) -> None:
-    (writable.root / "test.parquet").unlink()  # any read of the test table now fails
-    real_read = Collection.read_verified
-
-    def guarded(self, filename: str) -> bytes:
-        assert filename != "test.parquet", "tuning read the test set"
-        return real_read(self, filename)
-
-    monkeypatch.setattr(Collection, "read_verified", guarded)
+    forbid_the_test_set(writable, monkeypatch)
     result = run_cli("tune", *SYN, "--index", "pca-hnsw", "--recall", "0.95", "--held-out",
                      "300", "--repeats", "1", "--json")
     assert result.exit_code == 0, result.stderr
