@@ -70,7 +70,8 @@ def test_shard_ranges_cover_the_rows_contiguously() -> None:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Collection:
-    """A synthetic collection with flat and IVF, each unsharded and in 3 shards."""
+    """A synthetic collection with flat and IVF, each unsharded and in 3 shards, and flat's
+    pixels as bytes (SQ8_direct) in 3 shards."""
     store = tmp_path_factory.mktemp("sharded-store")
     images, labels = clustered_digits(4000, seed=31)
     images[::7] = images[::7] // 64 * 64  # coarse pixels: many equal distances
@@ -78,7 +79,8 @@ def sharded(tmp_path_factory) -> Collection:
     n = len(collection.train())
     recipes = [resolve_recipe("flat", n), resolve_recipe("ivf64=IVF64,Flat", n),
                with_shards(resolve_recipe("flat3=Flat", n), 3),
-               with_shards(resolve_recipe("ivf64s3=IVF64,Flat", n), 3)]
+               with_shards(resolve_recipe("ivf64s3=IVF64,Flat", n), 3),
+               with_shards(resolve_recipe("bytes3=SQ8_direct", n), 3)]
     build_indexes(collection, recipes, threads=1)
     return Collection.open(store, "shd")
 
@@ -93,6 +95,19 @@ def test_sharded_flat_equals_flat_ties_included(sharded: Collection) -> None:
     np.testing.assert_array_equal(found.distances, flat.distances)
     assert found.stats == {"shards": 3}
     assert (np.diff(flat.distances, axis=1) == 0).any()  # the ties are there to be broken
+
+
+def test_shards_of_bytes_equal_flat_in_a_quarter_of_its_memory(sharded: Collection) -> None:
+    queries = sharded.test().pixels
+    flat = sharded.searcher("flat").search(queries, 7)
+    shards = sharded.searcher("bytes3")
+    found = shards.search(queries, 7)
+    np.testing.assert_array_equal(found.rows, flat.rows)
+    np.testing.assert_array_equal(found.distances, flat.distances)
+    assert all(shard.space._float32 is None for shard in shards.shards)  # no float32 copy
+    sizes = {name: sum((sharded.root / shard.file).stat().st_size
+                       for shard in sharded.shard_files(name)) for name in ("flat3", "bytes3")}
+    assert sizes["bytes3"] < sizes["flat3"] / 3.9
 
 
 def test_ivf_shards_filled_from_one_trained_index_equal_the_unsharded_ivf(sharded) -> None:

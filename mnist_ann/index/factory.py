@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import faiss
+import numpy as np
 
 from mnist_ann.data.tables import Table
 from mnist_ann.errors import InvalidArgument
 from mnist_ann.index.certified import CertifiedSearcher
-from mnist_ann.index.layers import is_exhaustive
+from mnist_ann.index.layers import is_exhaustive, stores_bytes
 from mnist_ann.index.recipes import Recipe
 from mnist_ann.index.searchers import (
     ExhaustiveSearcher,
@@ -29,9 +30,12 @@ SearcherKind = Callable[[Recipe, faiss.Index, RankingSpace, str], Searcher]
 
 def faiss_searcher(recipe: Recipe, index: faiss.Index, space: RankingSpace,
                    name: str) -> Searcher:
-    """A flat index is searched exhaustively and certified; any other re-ranks candidates."""
+    """A flat index (or SQ8_direct over bytes) is searched exhaustively and certified; any
+    other re-ranks candidates."""
     searched = searched_index(recipe, index)
-    kind = ExhaustiveSearcher if is_exhaustive(searched) else RerankSearcher
+    exhaustive = is_exhaustive(searched) and (not stores_bytes(searched)
+                                              or space.dtype == np.uint8)
+    kind = ExhaustiveSearcher if exhaustive else RerankSearcher
     return kind(searched, space, recipe.search_defaults, name, owner=index)
 
 

@@ -49,24 +49,34 @@ def flat_vectors(index: faiss.Index) -> np.ndarray | None:
         storage.ntotal, storage.d)
 
 
+def stores_bytes(index: faiss.Index) -> bool:
+    """True for a scalar quantizer storing each value as its own byte (`SQ8_direct`): exact,
+    in a quarter of flat's memory, for whole numbers 0..255 such as pixels."""
+    index = faiss.downcast_index(index)
+    return (isinstance(index, faiss.IndexScalarQuantizer)
+            and index.sq.qtype == faiss.ScalarQuantizer.QT_8bit_direct)
+
+
 def returns_direct_distances(index: faiss.Index) -> bool:
     """True when the index's distances are sums of squared differences of the vectors it was
-    given (IVF,Flat's scanner, HNSW over flat storage): for integer vectors they are then
-    exact below 2²⁴, like the re-rank's own. A flat index is not: its BLAS path computes
-    |q|² + |x|² - 2 q·x."""
+    given (IVF,Flat's scanner, HNSW over flat storage, SQ8_direct's scan of bytes): for
+    integer vectors they are then exact below 2²⁴, like the re-rank's own. A flat index is
+    not: its BLAS path computes |q|² + |x|² - 2 q·x. (SQ8_direct's are the vectors' own only
+    for whole numbers 0..255: `direct_distances` in searchers.py checks the space.)"""
     index = faiss.downcast_index(index)
     if index.metric_type != faiss.METRIC_L2:
         return False
-    if type(index) is faiss.IndexIVFFlat:
+    if type(index) is faiss.IndexIVFFlat or stores_bytes(index):
         return True
     return isinstance(index, faiss.IndexHNSW) and type(
         faiss.downcast_index(index.storage)) in (faiss.IndexFlat, faiss.IndexFlatL2)
 
 
 def is_exhaustive(index: faiss.Index) -> bool:
-    """True when every layer is flat (or a transform): search compares with every row."""
+    """True when every layer is flat, SQ8_direct or a transform: search compares with every
+    row."""
     return all(isinstance(layer, faiss.IndexFlat | faiss.IndexPreTransform)
-               for layer in index_layers(index))
+               or stores_bytes(layer) for layer in index_layers(index))
 
 
 def make_factory_index(dimension: int, factory: str) -> faiss.Index:

@@ -24,7 +24,12 @@ import faiss
 import numpy as np
 
 from mnist_ann.errors import IntegrityError
-from mnist_ann.index.layers import flat_vectors, returns_direct_distances, transforms_of
+from mnist_ann.index.layers import (
+    flat_vectors,
+    returns_direct_distances,
+    stores_bytes,
+    transforms_of,
+)
 from mnist_ann.index.neighbours import Neighbours, check_k, order_exactly
 from mnist_ann.index.params import check_search_parameters, make_search_parameters
 from mnist_ann.index.recipes import CANDIDATES, Recipe
@@ -130,8 +135,13 @@ class FaissSearcher:
         queries = np.ascontiguousarray(features, dtype=np.float32)
         return self.index.search(queries, width, params=faiss_params)
 
-    def _ranked(self, features: np.ndarray, rows: np.ndarray, k: int) -> Neighbours:
-        return order_exactly(rows, self.space.distances(features, rows, k), k)
+
+
+def direct_distances(index: faiss.Index, space: RankingSpace) -> bool:
+    """Whether the index's distances are the space's own sums of squared differences (an
+    SQ8_direct index's only where the space's features are bytes)."""
+    return returns_direct_distances(index) and (not stores_bytes(index)
+                                                or space.dtype == np.uint8)
 
 
 class RerankSearcher(FaissSearcher):
@@ -146,7 +156,7 @@ class RerankSearcher(FaissSearcher):
                  defaults: Mapping | None = None, name: str = "index",
                  owner: faiss.Index | None = None) -> None:
         super().__init__(index, space, defaults, name, owner)
-        self.direct = returns_direct_distances(index)
+        self.direct = direct_distances(index, space)
         if space.integer and not self.direct:
             _ = space.float32  # the re-rank's sums need it: made on load, not first search
 
@@ -160,22 +170,30 @@ class RerankSearcher(FaissSearcher):
 
 
 class ExhaustiveSearcher(FaissSearcher):
-    """A flat index: k+8 candidates by float32 distance, widened where rounding could hide a
-    neighbour, so that the k returned are the exact k nearest."""
+    """A flat index (or SQ8_direct over pixels): k+8 candidates by float32 distance, widened
+    where rounding could hide a neighbour, so that the k returned are the exact k nearest."""
 
     def __init__(self, index: faiss.Index, space: RankingSpace,
                  defaults: Mapping | None = None, name: str = "index",
                  owner: faiss.Index | None = None) -> None:
         super().__init__(index, space, defaults, name, owner)
+        self.direct = direct_distances(index, space)
         _ = space.max_squared_norm  # the margins need it: computed on load, not first search
-        _ = space.float32 if space.integer else None  # so do the re-rank's sums
+        if space.integer and not self.direct:
+            _ = space.float32  # so do the re-rank's sums
 
     def _search(self, features: np.ndarray, k: int, checked: dict,
                 faiss_params: faiss.SearchParameters | None) -> Neighbours:
         width = min(k + RERANK_EXTRA, self.ntotal)
         float_distances, rows = self._candidates(features, width, faiss_params)
-        best = self._ranked(features, rows, k)
+        best = self._ranked(features, rows, k, float_distances)
         return self._certify(features, k, faiss_params, best, float_distances, width)
+
+    def _ranked(self, features: np.ndarray, rows: np.ndarray, k: int,
+                sums: np.ndarray | None = None) -> Neighbours:
+        """The exact k best of the candidates; an index's own sums where they are direct."""
+        return order_exactly(rows, self.space.distances(
+            features, rows, k, sums if self.direct else None), k)
 
     def _certify(self, features: np.ndarray, k: int,
                  faiss_params: faiss.SearchParameters | None, best: Neighbours,
@@ -195,7 +213,7 @@ class ExhaustiveSearcher(FaissSearcher):
         while len(pending) and width < self.ntotal:
             width = min(width * 4, self.ntotal)
             more_float, more_rows = self._candidates(features[pending], width, faiss_params)
-            more = self._ranked(features[pending], more_rows, k)
+            more = self._ranked(features[pending], more_rows, k, more_float)
             rows_out[pending], distances_out[pending] = more.rows, more.distances
             still = more_float[:, -1] - margins[pending] <= more.distances[:, -1]
             pending = pending[still]
