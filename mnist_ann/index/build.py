@@ -59,11 +59,11 @@ def train_index(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = 
 
 def train_and_add(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = silent,
                   progress: Progress = no_progress) -> None:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     train_index(index, vectors, label, log)
     with progress(f"{label}: adding", len(vectors)) as bar:
         for start in range(0, len(vectors), ADD_BATCH):
-            batch = vectors[start:start + ADD_BATCH]
+            # float32 a batch at a time: millions of pixel rows are never all float32 at once
+            batch = np.ascontiguousarray(vectors[start:start + ADD_BATCH], dtype=np.float32)
             index.add(batch)
             bar.update(len(batch))
             checkpoint(f"added:{label}")
