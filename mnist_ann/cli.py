@@ -410,15 +410,17 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
               show_default=True,
               help="Re-ranked indexes (deskew-idm): sampled queries compared with every "
                    "training row by the re-rank distance, to check its recall (0: skip).")
+@cluster_option
 @threads_option
 @store_option
 @quiet_option
 @json_option
 def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path, full: bool,
            sample: int | None, repeats: int, latency_queries: int, baseline: bool, peers: bool,
-           whole_set_queries: int, threads: int | None, store: Path | None, quiet: bool,
-           as_json: bool) -> None:
+           whole_set_queries: int, cluster: str | None, threads: int | None,
+           store: Path | None, quiet: bool, as_json: bool) -> None:
     """Sweep each index's search grid: recall, accuracy and speed, with plots and HTML."""
+    from mnist_ann.cluster import check_cluster, connected
     from mnist_ann.evaluation.sweep import SweepSettings, evaluate, plan
     from mnist_ann.render.report import POINT_COLUMNS, format_cell, write_report
     from mnist_ann.runtime import check_threads
@@ -428,9 +430,15 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
     settings = SweepSettings(k, repeats, latency_queries, check_threads(threads), full, sample,
                              whole_set_queries=whole_set_queries)
     names = plan(collection, list(index_names) or None, settings)
+    if cluster is not None:
+        check_cluster(cluster)
+        if not any(int(collection.indexes[name].get("shards", 1)) > 1 for name in names):
+            raise click.UsageError("--cluster searches sharded indexes (built with --shards "
+                                   "N), and none of these is")
     ensure_writable(out)
-    evaluation = evaluate(collection, names, settings, baseline, peers, stderr_log(quiet),
-                          progress_bars(quiet))
+    with connected(cluster, stderr_log(quiet)) as client:
+        evaluation = evaluate(collection, names, settings, baseline, peers, stderr_log(quiet),
+                              progress_bars(quiet), client)
     write_report(out, evaluation)
     if as_json:
         emit({"out": str(out), "operating_points": evaluation.points,

@@ -292,3 +292,31 @@ def test_a_shard_reads_only_the_row_groups_of_its_rows(tmp_path, monkeypatch) ->
     (collection.root / "train.parquet").write_bytes(bytes(data))
     with pytest.raises(Exception, match="fails its checksum"):
         Collection.open(tmp_path / "store", "groups").train_rows(0, 10)
+
+
+def test_the_report_searches_sharded_indexes_on_the_cluster(sharded: Collection,
+                                                            tmp_path: Path) -> None:
+    """`report --cluster` measures a sharded index on the workers: exact, as in-process."""
+    from mnist_ann.cluster import cached_shards
+    from mnist_ann.evaluation.sweep import SweepSettings, evaluate
+
+    settings = SweepSettings(repeats=1, latency_queries=20)
+    with connected("local:2") as cluster:
+        evaluation = evaluate(sharded, ["flat3", "ivf64"], settings, baseline=False,
+                              peers=False, cluster=cluster)
+        held = [shard for shards in cluster.client.run(cached_shards).values()
+                for shard in shards]
+    expected = {shard.sha256 for shard in sharded.shard_files("flat3")}
+    assert set(held) == expected  # the workers searched flat3's shards, each once
+    rows = [row for row in evaluation.rows if row["index"] == "flat3"]
+    assert rows and all(row["recall"] == 1.0 for row in rows)
+    assert evaluation.meta["settings"]["on_cluster"] == ["flat3"]
+    cli = run_cli("report", "--store", sharded.root.parent, "--collection", "shd", "--index",
+                  "flat3", "--cluster", "local:1", "--no-baseline", "--no-peers", "--repeats",
+                  "1", "--latency-queries", "10", "--out", tmp_path / "report", "--json", "-q")
+    assert cli.exit_code == 0, cli.stderr
+    assert json.loads(cli.stdout)["meta"]["settings"]["on_cluster"] == ["flat3"]
+    assert "on a Dask cluster" in (tmp_path / "report" / "report.md").read_text()
+    assert_clean_error(run_cli("report", "--store", sharded.root.parent, "--collection", "shd",
+                               "--index", "flat", "--cluster", "local:1", "--out",
+                               tmp_path / "other"), 2, "--cluster searches sharded indexes")

@@ -16,6 +16,7 @@ import numpy as np
 
 from mnist_ann.api import Collection
 from mnist_ann.classify import Classifier
+from mnist_ann.cluster import Cluster
 from mnist_ann.errors import InvalidArgument, MnistAnnError
 from mnist_ann.evaluation.metrics import accuracy, fewest_rejections, recall
 from mnist_ann.evaluation.timing import (
@@ -128,15 +129,23 @@ def measure(searcher: Searcher, labels: np.ndarray, params: dict, reference: Ref
     return result, times, latency
 
 
+def searcher_of(collection: Collection, name: str, cluster: Cluster | None = None) -> Searcher:
+    """Index `name`'s searcher; a sharded index's shards searched on `cluster` when given."""
+    if cluster is not None and int(collection.indexes[name].get("shards", 1)) > 1:
+        return cluster.searcher(collection, name)
+    return collection.searcher(name)
+
+
 def sweep_index(collection: Collection, name: str, reference: Reference,
-                settings: SweepSettings, bar: ProgressBar, log: Log = silent) -> list[dict]:
+                settings: SweepSettings, bar: ProgressBar, log: Log = silent,
+                cluster: Cluster | None = None) -> list[dict]:
     """Measure one index at every point of its (focused or full) search grid.
 
     A grid over one parameter (efSearch, nprobe) stops once a setting finds every exact
     neighbour of every query: larger settings search more and can only be slower.
     """
     entry = collection.indexes[name]
-    searcher = collection.searcher(name)
+    searcher = searcher_of(collection, name, cluster)
     labels = collection.train().labels
     grid = settings.grid(entry)
     defaults = searcher.parameters()
@@ -179,11 +188,11 @@ def comparable_distances(searcher: Searcher, entry: dict, queries: np.ndarray,
 
 
 def reference_for(collection: Collection, name: str, pixels: Reference,
-                  settings: SweepSettings, log: Log) -> Reference:
+                  settings: SweepSettings, log: Log, cluster: Cluster | None = None) -> Reference:
     """The reference for index `name`: the pixel one, exact search in its own space, or for
     a re-ranked index the exact re-rank of its largest candidate pool (at its own k)."""
     k, threads = settings.k, settings.threads
-    searcher = collection.searcher(name)
+    searcher = searcher_of(collection, name, cluster)
     if collection.indexes[name].get("rerank"):
         return rerank_reference(collection, name, pixels, settings, log)
     if searcher.space.key == "pixels":
@@ -345,8 +354,9 @@ class Evaluation:
 def evaluate(collection: Collection, index_names: list[str] | None = None,
              settings: SweepSettings = SweepSettings(), baseline: bool = True,
              peers: bool = True, log: Log = silent,
-             progress: Progress = no_progress) -> Evaluation:
-    """Sweep the collection's indexes and the baselines against exact ground truth."""
+             progress: Progress = no_progress, cluster: Cluster | None = None) -> Evaluation:
+    """Sweep the collection's indexes and the baselines against exact ground truth; with
+    `cluster` (cluster.connected), sharded indexes are searched on its workers."""
     from mnist_ann.evaluation import baselines
 
     started = time.perf_counter()
@@ -371,9 +381,9 @@ def evaluate(collection: Collection, index_names: list[str] | None = None,
     for name in names:
         points = len(grid_points(settings.grid(collection.indexes[name])))
         log(f"sweeping {name} ({points} settings)")
-        own = reference_for(collection, name, reference, settings, log)
+        own = reference_for(collection, name, reference, settings, log, cluster)
         with progress(f"{name}", points) as bar:
-            rows += sweep_index(collection, name, own, settings, bar, log)
+            rows += sweep_index(collection, name, own, settings, bar, log, cluster)
         if collection.indexes[name].get("rerank") and settings.whole_set_queries:
             rerank_checks.append(whole_set_check(collection, name, own, settings, log))
     if baseline:
@@ -393,7 +403,10 @@ def evaluate(collection: Collection, index_names: list[str] | None = None,
             "exact_accuracy": exact_accuracy, "machine": describe_machine(),
             "settings": {"threads": settings.threads, "repeats": settings.repeats,
                          "latency_queries": len(sample), "full": settings.full,
-                         "queries": len(queries), "method": settings.describe()},
+                         "queries": len(queries), "method": settings.describe(),
+                         "on_cluster": [] if cluster is None else [
+                             name for name in names
+                             if int(collection.indexes[name].get("shards", 1)) > 1]},
             "best": f"{best['index']} {format_params(best['params'])} (accuracy "
                     f"{best['accuracy']:.4f}, {best['queries_per_second']:,.0f} queries/s)",
             "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

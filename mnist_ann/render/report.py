@@ -169,6 +169,9 @@ def write_documents(out: Path, meta: dict, rows: list[dict], points: list[dict],
               ("split", f"{meta['collection']}: {json.dumps(meta['split'])}, "
                         f"{meta['rows']['train']:,} train / {meta['rows']['test']:,} test"),
               ("method", meta["settings"]["method"]),
+              *([("on a Dask cluster", ", ".join(meta["settings"]["on_cluster"]) + " (their "
+                  "shards searched on the workers, merged here; the others in this process)")]
+                if meta["settings"].get("on_cluster") else []),
               ("best operating point", meta["best"])]
     md = [f"# mnist-ann report: {meta['collection']}, k={meta['k']}", "",
           f"Generated {meta['generated']} in {meta['seconds']:.0f} s.", ""]
