@@ -287,11 +287,55 @@ def test_a_shard_reads_only_the_row_groups_of_its_rows(tmp_path, monkeypatch) ->
     whole = collection.train()
     np.testing.assert_array_equal(rows.pixels, whole.pixels[1200:2400])
     np.testing.assert_array_equal(rows.ids, whole.ids[1200:2400])
-    data = bytearray((collection.root / "train.parquet").read_bytes())
-    data[len(data) // 2] ^= 1
-    (collection.root / "train.parquet").write_bytes(bytes(data))
+
+
+def test_a_shard_checks_only_the_parts_it_reads(tmp_path, monkeypatch) -> None:
+    """Each part (row group) of the training table has its own sha256 in the manifest: a
+    reader of some rows checks theirs and the footer's, and decodes the checked bytes."""
+    from mnist_ann.data import tables
+
+    monkeypatch.setattr(tables, "ROW_GROUP_ROWS", 1000)
+    images, labels = clustered_digits(4000, seed=5)
+    collection = make_collection(tmp_path / "store", "groups", images, labels)
+    path = collection.root / "train.parquet"
+    record = collection.manifest["files"]["train.parquet"]
+    n = collection.manifest["rows"]["train"]
+    assert [part["rows"] for part in record["parts"]] == [[0, 1000], [1000, 2000],
+                                                          [2000, 3000], [3000, n]]
+    whole = collection.train().pixels.copy()
+    pristine = path.read_bytes()
+
+    def tampered_in(part: int) -> Collection:
+        data = bytearray(pristine)
+        data[record["parts"][part]["offset"] + record["parts"][part]["bytes"] // 2] ^= 1
+        path.write_bytes(bytes(data))
+        return Collection.open(tmp_path / "store", "groups")
+
+    rows = tampered_in(0).train_rows(1200, 2400)  # part 0 is not read: its change unseen
+    np.testing.assert_array_equal(rows.pixels, whole[1200:2400])
+    with pytest.raises(Exception, match="fails the checksum of its bytes"):
+        tampered_in(1).train_rows(1200, 2400)
     with pytest.raises(Exception, match="fails its checksum"):
-        Collection.open(tmp_path / "store", "groups").train_rows(0, 10)
+        tampered_in(0).train()  # the whole table is still checked whole
+
+    path.write_bytes(pristine)
+    manifest_path = collection.root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for broken in ({"parts": "nope"}, {"parts": record["parts"][:2]},
+                   {"tail": {**record["tail"], "bytes": 10**12}}):
+        manifest["files"]["train.parquet"] = {**record, **broken}
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(Exception, match="parts"):
+            Collection.open(tmp_path / "store", "groups").train_rows(0, 10)
+    manifest["files"]["train.parquet"] = {key: value for key, value in record.items()
+                                          if key not in ("parts", "tail")}
+    manifest_path.write_text(json.dumps(manifest))  # a table recorded before parts existed
+    older = Collection.open(tmp_path / "store", "groups")
+    np.testing.assert_array_equal(older.train_rows(1200, 2400).pixels, whole[1200:2400])
+    path.write_bytes(bytes(b ^ 1 if i == len(pristine) // 4 else b
+                           for i, b in enumerate(pristine)))
+    with pytest.raises(Exception, match="fails its checksum"):
+        Collection.open(tmp_path / "store", "groups").train_rows(3000, 3100)
 
 
 def test_the_report_searches_sharded_indexes_on_the_cluster(sharded: Collection,

@@ -8,6 +8,7 @@ pixels as a list of integers, are read too.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ TABLE_SCHEMA = pa.schema([
 COMPRESSION = "zstd"
 # rows of a Parquet row group: a reader of some rows (a shard's) decodes only their groups
 ROW_GROUP_ROWS = 65_536
+# what a Parquet reader reads first, from the end of the file: the footer and some before it
+FOOTER_READ = 64 * 1024
 # a row of pixels as 784 eight-byte integers, with its id and label: the most a row may take
 MAX_ROW_BYTES = N_PIXELS * 8 + 64
 
@@ -58,6 +61,79 @@ def write_parquet(table: Table, path: Path) -> None:
     """Write `table` to `path` as it stands (callers choose the temporary name)."""
     pq.write_table(table_to_arrow(table), path, compression=COMPRESSION,
                    row_group_size=ROW_GROUP_ROWS)
+
+
+@dataclass(frozen=True)
+class ByteSpan:
+    """Bytes [offset, offset + length) of a file, and the table rows [start, stop) they hold
+    (none for the tail)."""
+
+    offset: int
+    length: int
+    rows: tuple[int, int] = (0, 0)
+
+
+def byte_spans(path: Path) -> tuple[list[ByteSpan], ByteSpan]:
+    """Where each row group of a Parquet file lies, and the tail a reader reads before any
+    of them (the footer, and FOOTER_READ bytes at least): what `PartsFile` must hold."""
+    size = path.stat().st_size
+    metadata = pq.ParquetFile(path).metadata
+    groups, row = [], 0
+    for number in range(metadata.num_row_groups):
+        group = metadata.row_group(number)
+        starts, ends = [], []
+        for column in range(group.num_columns):
+            chunk = group.column(column)
+            start = (chunk.dictionary_page_offset if chunk.has_dictionary_page
+                     else chunk.data_page_offset)
+            starts.append(start)
+            ends.append(start + chunk.total_compressed_size)
+        groups.append(ByteSpan(min(starts), max(ends) - min(starts),
+                               (row, row + group.num_rows)))
+        row += group.num_rows
+    tail_start = max(0, min(size - FOOTER_READ, size - 8 - metadata.serialized_size))
+    return groups, ByteSpan(tail_start, size - tail_start)
+
+
+class PartsFile(io.RawIOBase):
+    """A read-only file of `size` bytes of which only some spans are held (checked ones):
+    a read outside them fails instead of reaching bytes nobody checked."""
+
+    def __init__(self, size: int, spans: dict[int, bytes]) -> None:
+        super().__init__()
+        self.size, self.position = size, 0
+        self.spans: list[tuple[int, bytes]] = []
+        for offset, data in sorted(spans.items()):  # touching spans joined: read as one
+            if self.spans and offset <= self.spans[-1][0] + len(self.spans[-1][1]):
+                last_offset, last = self.spans[-1]
+                self.spans[-1] = (last_offset, last + data[last_offset + len(last) - offset:])
+            else:
+                self.spans.append((offset, data))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        wanted = min(len(buffer), max(0, self.size - self.position))
+        for offset, data in self.spans:
+            if offset <= self.position and self.position + wanted <= offset + len(data):
+                start = self.position - offset
+                memoryview(buffer)[:wanted] = data[start:start + wanted]
+                self.position += wanted
+                return wanted
+        raise OSError(f"bytes {self.position:,} to {self.position + wanted:,} lie outside the "
+                      "checked parts")
 
 
 def _pixels(column: pa.ChunkedArray, what: str) -> np.ndarray:

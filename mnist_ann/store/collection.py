@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_ann.data.mnist import Split
-from mnist_ann.data.tables import Table, arrow_to_table, read_arrow, read_rows, write_parquet
+from mnist_ann.data.tables import (
+    PartsFile,
+    Table,
+    arrow_to_table,
+    byte_spans,
+    read_arrow,
+    read_rows,
+    write_parquet,
+)
 from mnist_ann.errors import DataError, IntegrityError, InvalidArgument, MnistAnnError
 from mnist_ann.fileio import (
     atomic_path,
@@ -78,6 +86,23 @@ def validate_name(name: str, what: str = "collection") -> str:
 
 def file_record(path: Path) -> dict:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def table_record(path: Path) -> dict:
+    """A table's record: the file's sha256 and size, and each part's (row group's) bytes,
+    rows and sha256, with the footer's, so that a reader of some rows checks only theirs."""
+    groups, tail = byte_spans(path)
+    record = file_record(path)
+    with open(path, "rb") as handle:
+        def part(span, rows: bool) -> dict:
+            handle.seek(span.offset)
+            entry = {"offset": span.offset, "bytes": span.length,
+                     "sha256": hashlib.sha256(handle.read(span.length)).hexdigest()}
+            return {**entry, "rows": list(span.rows)} if rows else entry
+
+        record["parts"] = [part(span, True) for span in groups]
+        record["tail"] = part(tail, False)
+    return record
 
 
 def ensure_writable(folder: Path) -> None:
@@ -322,11 +347,60 @@ class Collection:
         return self.table(TRAIN_FILE)
 
     def train_rows(self, start: int, stop: int) -> Table:
-        """Training rows [start, stop) alone (a shard's), the file's checksum checked first
-        on the same open file, and only their row groups decoded: memory follows the rows
-        asked for, not the table."""
+        """Training rows [start, stop) alone (a shard's): only the parts (row groups) that
+        hold them are read, each checked against its sha256 in the manifest, and decoded
+        from the checked bytes. Memory and hashing follow the rows asked for, not the table.
+        (A table recorded without parts is checked whole, on the open file.)"""
         record = self._record(TRAIN_FILE)
         path = self.root / TRAIN_FILE
+        if "parts" not in record:
+            return self._train_rows_checked_whole(record, path, start, stop)
+        parts, tail = self._parts(record, path)
+        wanted = [part for part in parts if part["rows"][0] < stop and part["rows"][1] > start]
+        spans = {}
+        try:
+            with open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size != record["bytes"]:
+                    raise self._damaged(path, f"is not the {record['bytes']:,} bytes recorded")
+                for part in [tail, *wanted]:
+                    handle.seek(part["offset"])
+                    data = handle.read(part["bytes"])
+                    if hashlib.sha256(data).hexdigest() != part["sha256"]:
+                        raise self._damaged(path, f"fails the checksum of its bytes "
+                                                  f"{part['offset']:,} to "
+                                                  f"{part['offset'] + part['bytes']:,} (changed "
+                                                  "since it was written)")
+                    spans[part["offset"]] = data
+        except FileNotFoundError:
+            raise self._damaged(path, "is missing") from None
+        return read_rows(PartsFile(record["bytes"], spans), start, stop, str(path))
+
+    def _parts(self, record: dict, path: Path) -> tuple[list[dict], dict]:
+        """A table record's parts and tail, checked to be spans of the file that cover its
+        rows in order (a hand-edited manifest gets a clear error, not a wild read)."""
+        parts, tail = record.get("parts"), record.get("tail")
+
+        def span(item, rows: bool) -> bool:
+            return (isinstance(item, dict) and isinstance(item.get("sha256"), str)
+                    and all(isinstance(item.get(key), int) and item[key] >= 0
+                            for key in ("offset", "bytes"))
+                    and item["offset"] + item["bytes"] <= record["bytes"]
+                    and (not rows or (isinstance(item.get("rows"), list)
+                                      and len(item["rows"]) == 2
+                                      and all(isinstance(r, int) for r in item["rows"]))))
+
+        if not (isinstance(parts, list) and parts and all(span(p, True) for p in parts)
+                and span(tail, False)):
+            raise self._damaged(path, "has malformed parts in the manifest")
+        starts = [part["rows"][0] for part in parts]
+        stops = [part["rows"][1] for part in parts]
+        if starts[0] != 0 or stops[-1] != self.manifest["rows"]["train"] or starts[1:] != \
+                stops[:-1] or any(a >= b for a, b in zip(starts, stops, strict=True)):
+            raise self._damaged(path, "has parts in the manifest that do not cover its rows")
+        return parts, tail
+
+    def _train_rows_checked_whole(self, record: dict, path: Path, start: int,
+                                  stop: int) -> Table:
         try:
             handle = open(path, "rb")  # noqa: SIM115 (closed below)
         except FileNotFoundError:

@@ -21,8 +21,8 @@ from mnist_ann.store.collection import (
     TRAIN_FILE,
     Collection,
     ensure_writable,
-    file_record,
     owned_files,
+    table_record,
     validate_name,
     write_table,
 )
@@ -51,7 +51,7 @@ def create_collection(store: Path, name: str, dataset: Dataset, split: Split,
             for filename, table in tables.items():
                 log(f"writing {root / filename} ({len(table):,} rows)")
                 write_table(root / filename, table)
-                files[filename] = file_record(root / filename)
+                files[filename] = table_record(root / filename)
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "dataset": {"name": "mnist-70k", "fingerprint": FINGERPRINT,
@@ -148,8 +148,8 @@ def upgrade_collection(store: Path, name: str, log: Log = silent) -> bool:
                     and np.array_equal(rows.pixels, again.pixels)):
                 raise IntegrityError(f"{root / filename}: the upgraded table differs from the "
                                      "old one; rebuild the collection")
-            renamed[manifest["files"][filename]["sha256"]] = old.record(manifest,
-                                                                        filename)["sha256"]
+            renamed[manifest["files"][filename]["sha256"]] = old.record(
+                manifest, filename, table_record(root / filename))["sha256"]
             log(f"{filename}: rewritten with pixels as fixed_size_binary(784)")
         for entry in manifest.get("indexes", {}).values():
             entry["train_sha256"] = renamed.get(entry.get("train_sha256"),
