@@ -314,8 +314,9 @@ query_k_option = click.option("-k", "k", type=int, default=None,
               default=None, help="Write the confusion-matrix heatmap here (PNG).")
 @cluster_option
 @click.option("--reject-below", "reject_below", type=click.FloatRange(0, 1), default=None,
-              help="Reject predictions whose confidence (the winner's share of the vote) is "
-                   "under this; the summary gains coverage and accepted_accuracy.")
+              help="Reject predictions whose confidence (the winner's share of the vote; for "
+                   "deskew-idm, drawn from its re-ranked pool) is under this; the summary "
+                   "gains coverage and accepted_accuracy.")
 @threads_option
 @store_option
 @quiet_option
@@ -506,6 +507,8 @@ def tune(collection_name: str, index_name: str, recall_target: float | None,
              else f"the best without a budget {result['best_unbounded_accuracy']:.4f}")
     click.echo(f"\n{index_name}: default is now {format_params(result['chosen']['params'])} "
                f"({target.describe()} on {held_out:,} held-out training rows; {there})")
+    if "margin" in result:
+        click.echo(f"margin: {result['margin']}")
 
 
 @main.command()

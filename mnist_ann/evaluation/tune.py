@@ -1,8 +1,13 @@
 """Choose an index's search setting for a target, on a held-out part of the training set.
 
-The test set is never read. The held-out queries are training rows; each is searched for k+1
-neighbours and its own row is dropped (leave-one-out), against exact leave-one-out search in
-the index's ranking space.
+The test set is never read. The held-out queries are training rows, searched in a *tuning
+copy* of the index built without them (nor their deformed copies), against exact search in
+that copy's ranking space. Searching them in the index itself, leaving their own row out,
+overstates an HNSW graph's recall: the search walks through the query's own node, whose
+edges are its nearest neighbours (measured on pca-hnsw: 0.9971 leave-one-out where unseen
+queries get 0.9947). A setting is then chosen only where a one-sided confidence bound of the
+held-out estimate meets the target, so that the noise of the sample does not carry a setting
+over it either.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from mnist_ann.index.recipes import grid_points
 from mnist_ann.runtime import Log, Progress, faiss_threads, no_progress, silent
 
 WARM_UP = 100
+# a target is met by a one-sided lower confidence bound of the held-out estimate
+CONFIDENCE, CONFIDENCE_Z = 0.99, 2.326  # and its normal quantile
+MARGIN = (f"the target is met by a one-sided {CONFIDENCE:.0%} lower confidence bound of the "
+          f"held-out estimate (mean - {CONFIDENCE_Z} standard errors over queries), searched "
+          "in a copy of the index built without the held-out rows")
 
 
 @dataclass(frozen=True)
@@ -43,9 +53,19 @@ class Target:
         return f"accuracy ≥ exact - {self.value:g}"
 
     def met(self, row: dict) -> bool:
+        """Met by the row's lower confidence bound, where it has one, else by its estimate."""
         if self.kind == "recall":
-            return row["recall"] >= self.value
-        return row["accuracy"] >= row["exact_accuracy"] - self.value - 1e-12
+            return row.get("recall_bound", row["recall"]) >= self.value
+        gap = row.get("accuracy_gap_bound", row["accuracy"] - row["exact_accuracy"])
+        return gap >= -self.value - 1e-12
+
+
+def lower_bound(per_query: np.ndarray, z: float = CONFIDENCE_Z) -> float:
+    """A one-sided lower confidence bound of a mean over queries: mean - z times its standard
+    error (queries are the independent units: a query's k neighbours are not)."""
+    if len(per_query) < 2:
+        return float("-inf")
+    return float(per_query.mean() - z * per_query.std(ddof=1) / np.sqrt(len(per_query)))
 
 
 def held_out_rows(n_train: int, size: int, seed: int) -> np.ndarray:
@@ -120,33 +140,37 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
     if target.kind not in ("recall", "accuracy") or not 0 <= target.value <= 1:
         raise InvalidArgument(f"a target is recall in (0, 1] or an accuracy tolerance in "
                               f"[0, 1], not {target.kind} {target.value}")
-    searcher = collection.searcher(name)
-    grid = collection.indexes[name].get("search_grid", {})
-    if not grid:
+    grid = collection.indexes.get(name, {}).get("search_grid", {})
+    if name in collection.indexes and not grid:
         raise MnistAnnError(f"index {name!r} has no search parameters to tune")
+    collection.searcher(name)  # an unknown or damaged index: its own error, before building
     train = collection.train()
     held = HeldOut.draw(train, held_out, seed)
     queries, labels = train.pixels[held.rows], train.labels[held.rows]
-    exact_searcher = collection.exact_searcher(name)
-    log(f"{name}: exact leave-one-out neighbours of {held_out:,} held-out training rows in the "
-        f"{searcher.space.description} space")
     with faiss_threads(threads):
-        truth = held.drop(exact_searcher.search(queries, k + held.copies), k)
-    voter = Classifier(searcher, train.labels, k=k)
-    exact_accuracy = accuracy(voter.votes(truth), labels)
+        searcher, exact_searcher, kept = tuning_copy(collection, name, held, log)
+        log(f"{name}: exact neighbours of {held_out:,} held-out training rows in the "
+            f"{searcher.space.description} space of the copy")
+        truth = exact_searcher.search(queries, k)
+    voter = Classifier(searcher, train.labels[kept], k=k)
+    exact_correct = voter.votes(truth) == labels
+    exact_accuracy = float(exact_correct.mean())
     measured = []
     points = grid_points(grid)
-    searched = k + held.copies
     with progress(f"tuning {name}", len(points)) as bar, faiss_threads(threads):
         for params in points:
-            found, seconds = time_batch(lambda p=params: searcher.search(queries, searched, p),
+            found, seconds = time_batch(lambda p=params: searcher.search(queries, k, p),
                                         lambda p=params: searcher.search(queries[:WARM_UP],
-                                                                         searched, p), repeats)
-            found = held.drop(found, k)
+                                                                         k, p), repeats)
+            per_query = per_query_recall(found.distances, truth.distances, k)
+            correct = voter.votes(found) == labels
             row = {"params": searcher.parameters(params),
                    "recall": recall(found.distances, truth.distances, k),
-                   "accuracy": accuracy(voter.votes(found), labels),
+                   "recall_bound": lower_bound(per_query),
+                   "accuracy": float(correct.mean()),
                    "exact_accuracy": exact_accuracy,
+                   "accuracy_gap_bound": lower_bound(correct.astype(float)
+                                                     - exact_correct.astype(float)),
                    "queries_per_second": held_out / statistics.median(seconds)}
             row["meets_target"] = target.met(row)
             measured.append(row)
@@ -155,22 +179,62 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
     if not meeting:
         best = max(measured, key=lambda r: (r["recall"], r["accuracy"]))
         raise MnistAnnError(f"no setting of index {name!r} reaches {target.describe()} on the "
-                            f"held-out rows (best: {format_params(best['params'])} with recall "
-                            f"{best['recall']:.4f}, accuracy {best['accuracy']:.4f}); the "
-                            "manifest is unchanged")
+                            f"held-out rows at {CONFIDENCE:.0%} confidence (best: "
+                            f"{format_params(best['params'])} with recall {best['recall']:.4f}, "
+                            f"bound {best['recall_bound']:.4f}, accuracy "
+                            f"{best['accuracy']:.4f}); the manifest is unchanged")
     chosen = max(meeting, key=lambda r: r["queries_per_second"])
     record(collection, name, chosen["params"], {
         "target": {"kind": target.kind, "value": target.value}, "k": k,
-        "held_out": {"rows": held_out, "seed": seed, "from": "train"},
-        "threads": threads, "repeats": repeats, "params": chosen["params"],
-        "recall": chosen["recall"], "accuracy": chosen["accuracy"],
-        "exact_accuracy": exact_accuracy, "queries_per_second": chosen["queries_per_second"]},
-        log)
+        "held_out": {"rows": held_out, "seed": seed, "from": "train",
+                     "searched_in": "a copy of the index without them"},
+        "margin": MARGIN, "threads": threads, "repeats": repeats, "params": chosen["params"],
+        "recall": chosen["recall"], "recall_bound": chosen["recall_bound"],
+        "accuracy": chosen["accuracy"], "exact_accuracy": exact_accuracy,
+        "queries_per_second": chosen["queries_per_second"]}, log)
     log(f"{name}: {format_params(chosen['params'])} is the fastest setting meeting "
-        f"{target.describe()}; recorded as its search default")
-    return {"index": name, "target": target.describe(), "chosen": chosen,
+        f"{target.describe()} at {CONFIDENCE:.0%} confidence; recorded as its search default")
+    return {"index": name, "target": target.describe(), "margin": MARGIN, "chosen": chosen,
             "measured": measured, "exact_accuracy": exact_accuracy,
-            "columns": ["params", "recall", "accuracy", "queries_per_second", "meets_target"]}
+            "columns": ["params", "recall", "recall_bound", "accuracy", "queries_per_second",
+                        "meets_target"]}
+
+
+
+def per_query_recall(found_distances: np.ndarray, true_distances: np.ndarray,
+                     k: int) -> np.ndarray:
+    """Each query's share of its k true neighbours found (recall@k's terms, per query)."""
+    return np.array([recall(found_distances[i:i + 1], true_distances[i:i + 1], k)
+                     for i in range(len(true_distances))])
+
+
+def tuning_copy(collection: Collection, name: str, held: HeldOut, log: Log = silent):
+    """Index `name`'s recipe built again over the training rows not held out (nor made from
+    a held-out digit), searched as the index is; with exact search in its ranking space and
+    the training rows it holds."""
+    from mnist_ann.data.pipeline import apply_pipeline
+    from mnist_ann.index.build import build_in_memory
+    from mnist_ann.index.factory import make_searcher
+    from mnist_ann.index.recipes import Recipe
+    from mnist_ann.index.searchers import exhaustive_searcher, space_transforms
+    from mnist_ann.index.space import image_space
+
+    recipe = Recipe.from_entry(collection.indexes[name])
+    if recipe.shards > 1 or recipe.rerank:
+        raise InvalidArgument(f"{name}: tune its unsharded recipe; a sharded index is tuned "
+                              "as one")
+    train = collection.train()
+    if held.sources is None:
+        kept = np.setdiff1d(np.arange(len(train)), held.rows)
+    else:
+        kept = np.flatnonzero(~np.isin(held.sources, held.sources[held.rows]))
+    pixels = train.pixels[kept]
+    log(f"{name}: building a tuning copy over the {len(kept):,} training rows not held out")
+    index = build_in_memory(recipe, apply_pipeline(recipe.pipeline, pixels))
+    space = image_space(f"{name} tuning copy", recipe.pipeline,
+                        space_transforms(recipe, index), pixels, owner=index)
+    searcher = make_searcher(recipe, index, space, f"{name} (tuning copy)")
+    return searcher, exhaustive_searcher(space, f"exact {name} tuning copy"), kept
 
 
 def record(collection: Collection, name: str, params: dict, tuned: dict, log: Log) -> None:
