@@ -80,14 +80,41 @@ class Classification:
     threads: int
     stats: dict = field(default_factory=dict)
 
+    confidences: np.ndarray | None = None  # from the searcher's pool, where it kept one
+
     @property
     def confidence(self) -> np.ndarray:
-        """Each prediction's confidence in [0, 1]: the winning label's share of the vote."""
-        return self.proba.max(axis=1)
+        """Each prediction's confidence in [0, 1]: the winning label's share of the vote, or
+        where the searcher kept its candidate pool, `pool_confidence`."""
+        return self.proba.max(axis=1) if self.confidences is None else self.confidences
 
     @property
     def queries_per_second(self) -> float:
         return len(self.predictions) / self.seconds if self.seconds > 0 else float("inf")
+
+
+POOL_SHARE = 7  # the pool's nearest whose labels the confidence counts
+
+
+def pool_confidence(label_positions: np.ndarray, pool: Neighbours,
+                    predicted: np.ndarray) -> np.ndarray:
+    """Confidence from a ranked candidate pool [n, m]: the predicted label's share of the
+    pool's POOL_SHARE nearest, times its distance margin 1 - d(nearest of that label) /
+    d(nearest of any other label) (1 when the pool holds no other label). Chosen on held-out
+    training rows (bench/confidence_idm.py): for deskew-idm it rejects what a vote of
+    unanimous neighbours cannot."""
+    found = pool.rows >= 0
+    labels = np.where(found, label_positions[np.maximum(pool.rows, 0)], -1)
+    same = labels == predicted[:, None]
+    share = same[:, :POOL_SHARE].sum(axis=1) / np.maximum(found[:, :POOL_SHARE].sum(axis=1), 1)
+    distances = pool.distances.astype(np.float64)
+    nearest_same = np.where(same, distances, np.inf).min(axis=1)
+    nearest_other = np.where(~same & found, distances, np.inf).min(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        margin = np.where(np.isinf(nearest_other), 1.0,
+                          np.clip(1 - nearest_same / nearest_other, 0, 1))
+    margin = np.where(np.isnan(margin), 0.0, margin)  # both at distance 0: no margin
+    return share * margin
 
 
 class Classifier:
@@ -146,8 +173,11 @@ class Classifier:
         proba = shares(scores)
         seconds = time.perf_counter() - started
         ids = np.where(neighbours.rows >= 0, self.ids[np.maximum(neighbours.rows, 0)], -1)
+        confidences = None if neighbours.pool is None else pool_confidence(
+            self._label_positions, neighbours.pool, np.searchsorted(self.classes, predictions))
         return Classification(predictions, neighbours, ids, proba, dict(self.effective_params),
-                              self.k, self.weights, seconds, self.threads, neighbours.stats)
+                              self.k, self.weights, seconds, self.threads, neighbours.stats,
+                              confidences)
 
     def predict(self, queries: np.ndarray) -> np.ndarray:
         return self.votes(self.neighbours(queries))

@@ -104,9 +104,50 @@ def test_the_gate_answers_unanimous_queries_and_reranks_the_rest() -> None:
     order = np.lexsort((candidates[1], scores))[:3]
     np.testing.assert_array_equal(found.rows[1], candidates[1][order])
     np.testing.assert_allclose(found.distances[1], scores[order], rtol=1e-5)
+    # the ranked pool comes along: the base's for the gated query, IDM's for the other
+    np.testing.assert_array_equal(found.pool.rows[0], candidates[0])
+    np.testing.assert_array_equal(found.pool.rows[1], candidates[1][np.lexsort((candidates[1],
+                                                                               scores))])
+    np.testing.assert_allclose(found.pool.distances[1], np.sort(scores), rtol=1e-5)
     # gate = pool: nothing that could change the vote is skipped
     assert IdmSearcher(base, train, labels, {"pool": 8, "gate": 8}, "idm").search(
         queries, 3).stats == {"gated": 0, "reranked": 2}
+
+
+def test_pool_confidence_is_the_share_times_the_margin() -> None:
+    from mnist_ann.classify import pool_confidence
+
+    labels = np.array([0, 0, 1, 1, 2])  # label positions of training rows 0..4
+    pool = Neighbours(np.array([[0, 1, 2, 4, -1, -1, -1, -1],    # 0, 0, 1, 2
+                                [2, 3, 0, 1, 4, 0, 1, 2],        # 1, 1, 0, 0, 2, 0, 0, 1
+                                [0, 1, -1, -1, -1, -1, -1, -1]]),  # only label 0
+                      np.array([[10, 20, 40, 50, np.inf, np.inf, np.inf, np.inf],
+                                [5, 6, 10, 11, 12, 13, 14, 15],
+                                [3, 4, np.inf, np.inf, np.inf, np.inf, np.inf, np.inf]]))
+    confidence = pool_confidence(labels, pool, np.array([0, 1, 0]))
+    # query 0: 2 of its 4 found carry 0; margin 1 - 10/40. query 1: 2 of the first 7 carry
+    # 1 (2, 3); margin 1 - 5/10. query 2: no other label in the pool: margin 1, share 2 of 2
+    np.testing.assert_allclose(confidence, [2 / 4 * (1 - 10 / 40), 2 / 7 * (1 - 5 / 10), 1.0])
+    # a prediction the pool does not hold at all has no margin
+    assert pool_confidence(labels, pool, np.array([2, 2, 1]))[2] == 0
+
+
+def test_a_classifier_over_idm_draws_its_confidence_from_the_pool() -> None:
+    from mnist_ann.classify import Classifier, pool_confidence
+
+    rng = np.random.default_rng(6)
+    train = rng.integers(0, 256, (40, 784), dtype=np.uint8)
+    labels = np.repeat(np.arange(4), 10)
+    candidates = np.array([[0, 1, 2, 3, 11, 12, 13, 14], [0, 11, 1, 2, 3, 12, 13, 14]])
+    searcher = IdmSearcher(FixedBase(candidates, 40), train, labels, {"pool": 8, "gate": 4},
+                           "idm")
+    result = Classifier(searcher, labels, k=1).classify(rng.integers(0, 256, (2, 784),
+                                                                        dtype=np.uint8))
+    pool = searcher.search(rng.integers(0, 256, (2, 784), dtype=np.uint8), 1).pool
+    assert pool is not None
+    np.testing.assert_allclose(result.confidence, pool_confidence(
+        labels, result.neighbours.pool, result.predictions))
+    assert (result.confidence < 1).all()  # k=1's vote share would be 1 for every query
 
 
 @pytest.mark.parametrize(("params", "fragment"), [

@@ -165,8 +165,10 @@ class IdmSearcher:
     searcher's k nearest (their distances are then the base space's), since the re-rank
     could hardly change its vote (gate = pool could not change it at all); the base
     searcher's own (nprobe, ...). Re-ranked queries' neighbours come ordered by (IDM
-    distance, training row), with IDM distances. `stats_name`: how the CLI labels the
-    counts of gated and re-ranked queries.
+    distance, training row), with IDM distances. The ranked pool comes with them
+    (`Neighbours.pool`): a prediction's confidence is drawn from it (classify.pool_confidence),
+    in IDM terms where the query was re-ranked, so `gate` = `pool` gives the best rejection.
+    `stats_name`: how the CLI labels the counts of gated and re-ranked queries.
     """
 
     stats_name = "idm"
@@ -234,17 +236,20 @@ class IdmSearcher:
         found = self.base.search(queries, pool, {**base_params, "candidates": pool})
         first = self.labels[np.maximum(found.rows[:, :gate], 0)]
         gated = ((first == first[:, :1]) & (found.rows[:, :gate] >= 0)).all(axis=1)
-        rows = found.rows[:, :k].copy()
-        distances = found.distances[:, :k].astype(np.float64)
+        pool_rows = found.rows.copy()
+        pool_distances = found.distances.astype(np.float64)
         todo = np.flatnonzero(~gated)
         if len(todo):
             candidates = found.rows[todo]
             scores = self.pool_distances(pixel_queries(queries)[todo], candidates)
-            order = np.lexsort((candidates, scores), axis=-1)[:, :k]
-            rows[todo] = np.take_along_axis(candidates, order, axis=1)
-            distances[todo] = np.take_along_axis(scores, order, axis=1)  # -1 rows: inf
-        return Neighbours(rows, distances, {"gated": int(gated.sum()),
-                                            "reranked": len(todo)})
+            order = np.lexsort((candidates, scores), axis=-1)
+            pool_rows[todo] = np.take_along_axis(candidates, order, axis=1)
+            pool_distances[todo] = np.take_along_axis(scores, order, axis=1)  # -1 rows: inf
+        # the ranked pool is kept: a gated query's in the candidate stage's distances, a
+        # re-ranked one's by IDM (what the classifier's confidence is drawn from)
+        return Neighbours(pool_rows[:, :k], pool_distances[:, :k],
+                          {"gated": int(gated.sum()), "reranked": len(todo)},
+                          Neighbours(pool_rows, pool_distances))
 
     def pool_distances(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """IDM distances [n, m] of pixel queries [n, 784] to the training rows [n, m] (inf

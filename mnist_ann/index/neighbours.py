@@ -23,6 +23,9 @@ class Neighbours:
     rows: np.ndarray
     distances: np.ndarray
     stats: dict = field(default_factory=dict)
+    # a searcher that ranked a larger candidate pool may keep it (ordered the same way):
+    # evidence beyond the k neighbours, from which the vote's confidence is drawn
+    pool: Neighbours | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
