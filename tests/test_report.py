@@ -92,6 +92,10 @@ def test_rows_cover_every_grid_point_and_the_baselines(report: dict, small: Coll
         assert "hnswlib" not in by_index
     else:
         assert len(by_index["hnswlib"]) == len(small.indexes["hnsw"]["search_grid"]["efSearch"])
+    from mnist_ann.evaluation.baselines import PANORAMA_GRID
+
+    assert [(json.loads(r["params"])["levels"], json.loads(r["params"])["batch_size"])
+            for r in by_index["faiss-panorama"]] == PANORAMA_GRID
 
 
 def test_recall_and_accuracy_recomputed_from_raw_neighbours(report: dict,
@@ -113,7 +117,7 @@ def test_recall_and_accuracy_recomputed_from_raw_neighbours(report: dict,
             assert float(row["recall"]) == pytest.approx(recall, abs=1e-12), row
             assert float(row["accuracy"]) == pytest.approx(accuracy, abs=1e-12), row
             assert float(row["agreement"]) == pytest.approx(agreement, abs=1e-12), row
-        if row["index"] in ("flat", "scikit-learn"):
+        if row["index"] in ("flat", "scikit-learn", "faiss-panorama"):
             assert float(row["recall"]) == 1.0
             assert float(row["accuracy"]) == pytest.approx(exact_accuracy, abs=1e-12)
         assert float(row["queries_per_second"]) > 0

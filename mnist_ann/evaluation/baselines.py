@@ -1,5 +1,6 @@
 """What the indexes are measured against: scikit-learn's `KNeighborsClassifier` (the study's
-method) and hnswlib (a peer), each timed like the indexes and voted on by the same code."""
+method), and the peers hnswlib and FAISS's exact pruned search (Panorama), each timed like
+the indexes and voted on by the same code."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ SKLEARN_ROW = "scikit-learn"
 HNSWLIB_ROW = "hnswlib"
 HNSWLIB_BUILD = {"M": 16, "ef_construction": 200}
 HNSWLIB_EF = [16, 32, 64, 128]  # its ef when the collection has no hnsw index to follow
+PANORAMA_ROW = "faiss-panorama"
+# (levels, batch size) the report measures; bench_exact.py sweeps more
+PANORAMA_GRID = [(8, 512), (16, 512), (32, 512)]
 
 
 def sklearn_row(collection: Collection, reference: Reference, settings: SweepSettings,
@@ -115,3 +119,70 @@ def hnswlib_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def panorama_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "IndexFlatL2Panorama")
+
+
+class PanoramaSearcher:
+    """FAISS's exact pruned flat search (`IndexFlatL2Panorama`, FAISS ≥ 1.13) behind the
+    searcher protocol, configured as it needs: a full PCA rotation first (orthogonal, so
+    distances keep their order up to rounding; it puts the energy in the leading levels
+    that Panorama's bounds prune on). Its k+8 nearest are re-ranked exactly in the space,
+    as flat's are, so its lists compare with flat's tie for tie."""
+
+    name = PANORAMA_ROW
+    EXTRA = 8
+
+    def __init__(self, space: RankingSpace, levels: int, batch_size: int) -> None:
+        import faiss
+
+        self.space, self.levels, self.batch_size = space, levels, batch_size
+        vectors = space.float32
+        self.rotation = faiss.PCAMatrix(space.dimension, space.dimension)
+        self.rotation.train(vectors)
+        self.index = faiss.IndexFlatL2Panorama(space.dimension, levels, batch_size)
+        for start in range(0, len(vectors), 65_536):
+            self.index.add(self.rotation.apply(vectors[start:start + 65_536]))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def parameters(self, overrides: Mapping | None = None) -> dict:
+        return {"levels": self.levels, "batch_size": self.batch_size}
+
+    def search(self, queries: np.ndarray, k: int, params: Mapping | None = None) -> Neighbours:
+        k = check_k(k, self.ntotal)
+        features = self.space.embed(queries)
+        rotated = self.rotation.apply(np.ascontiguousarray(features, dtype=np.float32))
+        _, found = self.index.search(rotated, min(k + self.EXTRA, self.ntotal))
+        return order_exactly(found, self.space.distances(features, found, k), k)
+
+
+def panorama_rows(collection: Collection, reference: Reference, settings: SweepSettings,
+                  log: Log, progress: Progress, grid=PANORAMA_GRID) -> list[dict]:
+    """FAISS Panorama as an exact peer, one index per (levels, batch size)."""
+    if not panorama_available():
+        log("peer: this FAISS has no IndexFlatL2Panorama (FAISS ≥ 1.13); no Panorama rows")
+        return []
+    space = collection.searcher("flat").space
+    labels = collection.train().labels
+    rows = []
+    with progress("panorama", len(grid)) as bar:
+        for levels, batch_size in grid:
+            log(f"peer: FAISS IndexFlatL2Panorama levels={levels} batch={batch_size}, building")
+            started = time.perf_counter()
+            searcher = PanoramaSearcher(space, levels, batch_size)
+            build_seconds = time.perf_counter() - started
+            result, times, latency = measure(searcher, labels, {}, reference, settings)
+            rows.append(measured_row(
+                PANORAMA_ROW, "peer", "PCA784 rotation, IndexFlatL2Panorama",
+                searcher.parameters(), reference, settings.k, result.neighbours.distances,
+                result.predictions, times, latency, build_seconds, None))
+            del searcher
+            bar.update(1)
+    return rows

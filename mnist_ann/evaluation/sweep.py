@@ -394,6 +394,8 @@ def evaluate(collection: Collection, index_names: list[str] | None = None,
         rows += baselines.hnswlib_rows(collection, reference, settings, grid, log, progress)
     elif peers:
         log("peer: hnswlib is not installed (pip install '.[peers]'); no peer curve")
+    if peers:
+        rows += baselines.panorama_rows(collection, reference, settings, log, progress)
     exact_accuracy = reference.exact_accuracy
     points = operating_points(rows)
     best = best_operating_row(rows, exact_accuracy)
