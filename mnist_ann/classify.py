@@ -160,6 +160,14 @@ class Classifier:
                              self._label_positions[np.maximum(neighbours.rows, 0)], -1)
         return vote_scores(positions, neighbours.distances, len(self.classes), self.weights)
 
+    def confidences(self, neighbours: Neighbours, scores: np.ndarray) -> np.ndarray:
+        """Each winner's confidence: its share of the vote, or `pool_confidence` where the
+        searcher kept its ranked pool."""
+        winners = np.argmax(scores, axis=1)
+        if neighbours.pool is None:
+            return shares(scores)[np.arange(len(winners)), winners]
+        return pool_confidence(self._label_positions, neighbours.pool, winners)
+
     def votes(self, neighbours: Neighbours) -> np.ndarray:
         """scikit-learn's vote of each query's neighbours (ties to the smallest label)."""
         return self.classes[np.argmax(self.scores_of(neighbours), axis=1)]
@@ -173,8 +181,7 @@ class Classifier:
         proba = shares(scores)
         seconds = time.perf_counter() - started
         ids = np.where(neighbours.rows >= 0, self.ids[np.maximum(neighbours.rows, 0)], -1)
-        confidences = None if neighbours.pool is None else pool_confidence(
-            self._label_positions, neighbours.pool, np.searchsorted(self.classes, predictions))
+        confidences = self.confidences(neighbours, scores)
         return Classification(predictions, neighbours, ids, proba, dict(self.effective_params),
                               self.k, self.weights, seconds, self.threads, neighbours.stats,
                               confidences)

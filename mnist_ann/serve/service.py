@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mnist_ann.api import Collection
-from mnist_ann.classify import Classifier, shares
+from mnist_ann.classify import Classifier
 from mnist_ann.data.images import UnreadableImage, png_bytes
 from mnist_ann.data.mnist import N_PIXELS, to_uint8_pixels
 from mnist_ann.data.normalize import MODES, normalize
@@ -253,7 +253,7 @@ class ClassifyService:
                 found = classifier.searcher.search(request.pixels, request.k, request.params)
         scores = classifier.scores_of(found)
         search_ms = (time.perf_counter() - started) * 1000
-        proba = shares(scores)
+        confidences = classifier.confidences(found, scores)
         winners = np.argmax(scores, axis=1)
         labels = self._digits.train_labels
         ids = self._digits.train_ids
@@ -267,7 +267,7 @@ class ClassifyService:
                           for j, row in enumerate(rows) if row >= 0]
             results.append({
                 "prediction": int(classifier.classes[winner]),
-                "confidence": round(float(proba[i, winner]), 6),
+                "confidence": round(float(confidences[i]), 6),
                 "votes": {str(int(label)): round(float(score), 6)
                           for label, score in zip(classifier.classes, scores[i], strict=True)
                           if score > 0},
