@@ -10,7 +10,9 @@ In one run, with ONE thread for every library (FAISS, numpy's BLAS, hnswlib):
 Each setting: the 14,000 test queries in one call (median of --repeats runs), recall@7 against
 exact search (ann-benchmarks' rule). For each recall target, the fastest setting reaching it in
 batch; one query at a time, the fastest of the three best batch settings over --single
-queries. Prints queries per second at recall 0.99 and 0.999 for each and the ratios.
+queries. Prints queries per second at recall 0.99 and 0.999 for each and the ratios, and the
+two-stage index at the setting `tune` recorded (`tune --recall 0.999`, chosen on training
+rows) against hnswlib's smallest ef reaching 0.999 on these queries.
 Builds the indexes it needs when they are missing.
 """
 
@@ -136,6 +138,8 @@ def run_systems(collection, args, truth) -> None:
         log(f"{args.index} {format_params(params)}: recall {rows[-1]['recall']:.4f}, "
             f"{rows[-1]['qps']:,.0f} q/s")
     systems[f"mnist-ann {args.index} ({entry['factory']} + exact re-rank)"] = rows
+    default = two_stage.parameters()
+    tuned = next((r for r in rows if two_stage.parameters(r["params"]) == default), None)
 
     summary: dict[tuple[str, float], tuple[dict, float, float] | None] = {}
     for name, rows in systems.items():
@@ -169,6 +173,14 @@ def run_systems(collection, args, truth) -> None:
             print(f"recall ≥ {target}: {args.index} / FAISS HNSW = "
                   f"{ours[1] / faiss_row[1]:.2f}x batch, {ours[2] / faiss_row[2]:.2f}x one at "
                   "a time")
+    how = ("tuned: " + format_params(entry["tuned"]["target"]) if "tuned" in entry
+           else "the recipe's, not tuned")
+    peer_row = summary[names[0], 0.999]
+    if tuned and peer_row:
+        print(f"\n{args.index} at its default {format_params(default)} ({how}): recall "
+              f"{tuned['recall']:.4f}, {tuned['qps']:,.0f} q/s batch = "
+              f"{tuned['qps'] / peer_row[1]:.2f}x hnswlib's smallest ef reaching 0.999 "
+              f"({format_params(peer_row[0]['params'])}, {peer_row[1]:,.0f} q/s)")
 
 
 if __name__ == "__main__":

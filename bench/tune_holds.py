@@ -3,7 +3,7 @@ a collection, then each index's recall@7 on the test set at the setting tune rec
 against exact search in the index's own ranking space.
 
     python bench/tune_holds.py [--store indexes] [--collection seed] [--recall 0.999]
-        [--held-out 2000] [--threads 2]
+        [--held-out 5000] [--threads 2]
 
 Tune reads only training rows (held out, searched in a copy of the index built without
 them, chosen by a 99% lower confidence bound); the test set is read here afterwards, once
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--store", default=None)
     parser.add_argument("--collection", default="seed")
     parser.add_argument("--recall", type=float, default=0.999)
-    parser.add_argument("--held-out", type=int, default=2000)
+    parser.add_argument("--held-out", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--index", action="append", default=None,
                         help="only these indexes (default: every approximate one)")

@@ -465,8 +465,9 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
                    "gate whose re-ranks average at most this many comparisons a query (k is "
                    "chosen, so -k does not apply).")
 @k_option
-@click.option("--held-out", type=click.IntRange(min=10), default=2000, show_default=True,
-              help="Training rows searched leave-one-out (the test set is never read).")
+@click.option("--held-out", type=click.IntRange(min=10), default=None,
+              help="Training rows held out and searched (the test set is never read); "
+                   "default 5,000, or a tenth of a smaller training set.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the held-out sample.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -477,7 +478,7 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
 @quiet_option
 @json_option
 def tune(collection_name: str, index_name: str, recall_target: float | None,
-         accuracy_within: float | None, budget: float | None, k: int, held_out: int,
+         accuracy_within: float | None, budget: float | None, k: int, held_out: int | None,
          seed: int, repeats: int, threads: int, store: Path | None, quiet: bool,
          as_json: bool) -> None:
     """Record the fastest search setting that meets a target as the index's default (for a
@@ -506,7 +507,7 @@ def tune(collection_name: str, index_name: str, recall_target: float | None,
     there = (f"exact accuracy there {result['exact_accuracy']:.4f}" if "exact_accuracy" in result
              else f"the best without a budget {result['best_unbounded_accuracy']:.4f}")
     click.echo(f"\n{index_name}: default is now {format_params(result['chosen']['params'])} "
-               f"({target.describe()} on {held_out:,} held-out training rows; {there})")
+               f"({target.describe()} on {result['held_out']:,} held-out training rows; {there})")
     if "margin" in result:
         click.echo(f"margin: {result['margin']}")
 

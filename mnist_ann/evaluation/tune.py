@@ -68,6 +68,14 @@ def lower_bound(per_query: np.ndarray, z: float = CONFIDENCE_Z) -> float:
     return float(per_query.mean() - z * per_query.std(ddof=1) / np.sqrt(len(per_query)))
 
 
+HELD_OUT = 5000
+
+
+def default_held_out(n_train: int) -> int:
+    """How many training rows tune holds out unless told: 5,000, or a tenth of fewer."""
+    return max(1, min(HELD_OUT, n_train // 10))
+
+
 def held_out_rows(n_train: int, size: int, seed: int) -> np.ndarray:
     """A seeded random sample of training rows, sorted."""
     if not 1 <= size < n_train:
@@ -124,7 +132,8 @@ class HeldOut:
 
 
 def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
-               held_out: int = 2000, seed: int = 0, threads: int = 1, repeats: int = 3,
+               held_out: int | None = None, seed: int = 0, threads: int = 1,
+               repeats: int = 3,
                log: Log = silent, progress: Progress = no_progress) -> dict:
     """Measure every setting of the index's grid on held-out training rows, record the fastest
     that meets `target` as the index's search default, and return what was measured."""
@@ -145,6 +154,8 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
         raise MnistAnnError(f"index {name!r} has no search parameters to tune")
     collection.searcher(name)  # an unknown or damaged index: its own error, before building
     train = collection.train()
+    if held_out is None:
+        held_out = default_held_out(len(train))
     held = HeldOut.draw(train, held_out, seed)
     queries, labels = train.pixels[held.rows], train.labels[held.rows]
     with faiss_threads(threads):
@@ -194,7 +205,8 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
         "queries_per_second": chosen["queries_per_second"]}, log)
     log(f"{name}: {format_params(chosen['params'])} is the fastest setting meeting "
         f"{target.describe()} at {CONFIDENCE:.0%} confidence; recorded as its search default")
-    return {"index": name, "target": target.describe(), "margin": MARGIN, "chosen": chosen,
+    return {"index": name, "target": target.describe(), "margin": MARGIN, "held_out": held_out,
+            "chosen": chosen,
             "measured": measured, "exact_accuracy": exact_accuracy,
             "columns": ["params", "recall", "recall_bound", "accuracy", "queries_per_second",
                         "meets_target"]}
@@ -254,7 +266,8 @@ def record(collection: Collection, name: str, params: dict, tuned: dict, log: Lo
     collection.defaults_changed(name)
 
 
-def tune_reranked(collection: Collection, name: str, target: Target, *, held_out: int = 2000,
+def tune_reranked(collection: Collection, name: str, target: Target, *,
+                  held_out: int | None = None,
                   seed: int = 0, threads: int = 1, log: Log = silent,
                   progress: Progress = no_progress) -> dict:
     """Choose a re-ranked index's k, pool and gate on held-out training rows.
@@ -272,6 +285,8 @@ def tune_reranked(collection: Collection, name: str, target: Target, *, held_out
     searcher = collection.searcher(name)
     grid = searcher.tuning_grid
     train = collection.train()
+    if held_out is None:
+        held_out = default_held_out(len(train))
     held = HeldOut.draw(train, held_out, seed)
     queries, truth_labels = train.pixels[held.rows], train.labels[held.rows]
     largest = max(grid["pool"])
@@ -336,7 +351,7 @@ def tune_reranked(collection: Collection, name: str, target: Target, *, held_out
     log(f"{name}: {format_params(chosen['params'])} is the most accurate setting within "
         f"{target.value:g} comparisons a query (within one held-out error); recorded as its "
         "search default")
-    return {"index": name, "target": target.describe(), "chosen": chosen,
+    return {"index": name, "target": target.describe(), "held_out": held_out, "chosen": chosen,
             "measured": measured, "best_unbounded_accuracy": max(r["accuracy"] for r in measured),
             "columns": ["params", "accuracy", "recall", "gated", "comparisons",
                         "meets_target"]}
