@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from mnist_ann import Store
 from mnist_ann.classify import Classifier
-from mnist_ann.evaluation.baselines import PanoramaSearcher
+from mnist_ann.evaluation.baselines import PanoramaSearcher, full_rotation
 from mnist_ann.evaluation.timing import WARM_UP_QUERIES, time_batch
 from mnist_ann.index.build import build_indexes
 from mnist_ann.index.recipes import resolve_recipe
@@ -71,10 +71,11 @@ def main() -> None:
     space = collection.searcher("flat").space
     log("FAISS Panorama sweep (one timed run each)")
     sweep, best = [], None
+    rotation = full_rotation(space)
     for levels in map(int, args.levels.split(",")):
         for batch_size in map(int, args.batch_sizes.split(",")):
-            panorama = Classifier(PanoramaSearcher(space, levels, batch_size), train.labels,
-                                  k=7, threads=args.threads)
+            panorama = Classifier(PanoramaSearcher(space, levels, batch_size, rotation),
+                                  train.labels, k=7, threads=args.threads)
             panorama.classify(test.pixels[:WARM_UP_QUERIES])
             result = panorama.classify(test.pixels)
             exact = bool(np.array_equal(result.neighbours.rows, flat_lists))

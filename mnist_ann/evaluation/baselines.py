@@ -12,7 +12,9 @@ import numpy as np
 from mnist_ann.api import Collection
 from mnist_ann.evaluation.sweep import Reference, SweepSettings, measure, measured_row
 from mnist_ann.evaluation.timing import time_single_queries
+from mnist_ann.index.build import ADD_BATCH
 from mnist_ann.index.neighbours import Neighbours, check_k, order_exactly
+from mnist_ann.index.searchers import RERANK_EXTRA
 from mnist_ann.index.space import RankingSpace
 from mnist_ann.runtime import Log, Progress
 
@@ -127,6 +129,15 @@ def panorama_available() -> bool:
     return hasattr(faiss, "IndexFlatL2Panorama")
 
 
+def full_rotation(space: RankingSpace):
+    """A full PCA of the space's rows (trained once, shared by every Panorama setting)."""
+    import faiss
+
+    rotation = faiss.PCAMatrix(space.dimension, space.dimension)
+    rotation.train(space.float32)
+    return rotation
+
+
 class PanoramaSearcher:
     """FAISS's exact pruned flat search (`IndexFlatL2Panorama`, FAISS ≥ 1.13) behind the
     searcher protocol, configured as it needs: a full PCA rotation first (orthogonal, so
@@ -135,18 +146,17 @@ class PanoramaSearcher:
     as flat's are, so its lists compare with flat's tie for tie."""
 
     name = PANORAMA_ROW
-    EXTRA = 8
 
-    def __init__(self, space: RankingSpace, levels: int, batch_size: int) -> None:
+    def __init__(self, space: RankingSpace, levels: int, batch_size: int,
+                 rotation=None) -> None:
         import faiss
 
         self.space, self.levels, self.batch_size = space, levels, batch_size
         vectors = space.float32
-        self.rotation = faiss.PCAMatrix(space.dimension, space.dimension)
-        self.rotation.train(vectors)
+        self.rotation = rotation if rotation is not None else full_rotation(space)
         self.index = faiss.IndexFlatL2Panorama(space.dimension, levels, batch_size)
-        for start in range(0, len(vectors), 65_536):
-            self.index.add(self.rotation.apply(vectors[start:start + 65_536]))
+        for start in range(0, len(vectors), ADD_BATCH):
+            self.index.add(self.rotation.apply(vectors[start:start + ADD_BATCH]))
 
     @property
     def ntotal(self) -> int:
@@ -159,7 +169,7 @@ class PanoramaSearcher:
         k = check_k(k, self.ntotal)
         features = self.space.embed(queries)
         rotated = self.rotation.apply(np.ascontiguousarray(features, dtype=np.float32))
-        _, found = self.index.search(rotated, min(k + self.EXTRA, self.ntotal))
+        _, found = self.index.search(rotated, min(k + RERANK_EXTRA, self.ntotal))
         return order_exactly(found, self.space.distances(features, found, k), k)
 
 
@@ -171,12 +181,13 @@ def panorama_rows(collection: Collection, reference: Reference, settings: SweepS
         return []
     space = collection.searcher("flat").space
     labels = collection.train().labels
+    rotation = full_rotation(space)
     rows = []
     with progress("panorama", len(grid)) as bar:
         for levels, batch_size in grid:
             log(f"peer: FAISS IndexFlatL2Panorama levels={levels} batch={batch_size}, building")
             started = time.perf_counter()
-            searcher = PanoramaSearcher(space, levels, batch_size)
+            searcher = PanoramaSearcher(space, levels, batch_size, rotation)
             build_seconds = time.perf_counter() - started
             result, times, latency = measure(searcher, labels, {}, reference, settings)
             rows.append(measured_row(

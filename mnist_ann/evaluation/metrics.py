@@ -28,10 +28,23 @@ def recall(found_distances: np.ndarray, true_distances: np.ndarray, k: int) -> f
     relative 1e-5 of the k-th counts; ann-benchmarks' absolute 1e-3 would be far too lenient
     on unit-length features.
     """
+    return float(recall_hits(found_distances, true_distances, k).sum()
+                 / (len(true_distances) * k))
+
+
+def per_query_recall(found_distances: np.ndarray, true_distances: np.ndarray,
+                     k: int) -> np.ndarray:
+    """Each query's share of its k true neighbours found (recall@k's terms, per query)."""
+    return recall_hits(found_distances, true_distances, k).mean(axis=1)
+
+
+def recall_hits(found_distances: np.ndarray, true_distances: np.ndarray,
+                k: int) -> np.ndarray:
+    """Which of each query's k returned neighbours count for recall@k [n, k]."""
     threshold = true_distances[:, k - 1:k]
     if threshold.dtype.kind == "f":
         threshold = threshold * (1 + FLOAT_RECALL_TOLERANCE)
-    return float((found_distances[:, :k] <= threshold).sum() / (len(true_distances) * k))
+    return found_distances[:, :k] <= threshold
 
 
 def latency_summary(seconds: np.ndarray) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 from mnist_ann.api import Collection
 from mnist_ann.classify import Classifier
 from mnist_ann.errors import InvalidArgument, MnistAnnError
-from mnist_ann.evaluation.metrics import accuracy, recall
+from mnist_ann.evaluation.metrics import accuracy, per_query_recall, recall
 from mnist_ann.evaluation.sweep import format_params
 from mnist_ann.evaluation.timing import time_batch
 from mnist_ann.index.neighbours import Neighbours
@@ -211,13 +211,6 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
             "columns": ["params", "recall", "recall_bound", "accuracy", "queries_per_second",
                         "meets_target"]}
 
-
-
-def per_query_recall(found_distances: np.ndarray, true_distances: np.ndarray,
-                     k: int) -> np.ndarray:
-    """Each query's share of its k true neighbours found (recall@k's terms, per query)."""
-    return np.array([recall(found_distances[i:i + 1], true_distances[i:i + 1], k)
-                     for i in range(len(true_distances))])
 
 
 def tuning_copy(collection: Collection, name: str, held: HeldOut, log: Log = silent):
