@@ -112,6 +112,30 @@ def test_in_memory_index_equals_its_file(synthetic: Collection) -> None:
                                   loaded.search(queries, 7, params=params)[1])
 
 
+def test_a_large_training_set_trains_on_a_seeded_sample(synthetic: Collection,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnist_ann.index import build
+
+    monkeypatch.setattr(build, "TRAIN_SAMPLE", 1000)
+    pixels = synthetic.train().pixels
+    sample = build.training_sample(pixels)
+    assert sample.dtype == np.float32 and len(sample) == 1000
+    rows = [np.flatnonzero((pixels == row).all(axis=1))[0] for row in sample[:50]]
+    assert rows == sorted(rows) and len(set(rows)) == 50  # rows of the set, in row order
+    np.testing.assert_array_equal(sample, build.training_sample(pixels))  # seeded
+    logged = []
+    recipe = resolve_recipe("pca=PCA16,Flat", len(pixels))
+    build_indexes(synthetic, [recipe], threads=1, log=logged.append)
+    assert any("a seeded sample of 5,400" in line for line in logged), logged
+    # the PCA was fitted on the sample alone: the same as one trained on it here
+    stored = faiss.downcast_index(synthetic.load_index("pca").index)
+    reference = make_index(recipe, 784)
+    reference.train(sample)
+    pca, expected = (faiss.downcast_VectorTransform(index.chain.at(0))
+                     for index in (stored, reference))
+    np.testing.assert_array_equal(faiss.vector_to_array(pca.A), faiss.vector_to_array(expected.A))
+
+
 def test_manifest_entry_records_the_build(synthetic: Collection) -> None:
     (result,) = build_indexes(synthetic, [resolve_recipe("hnsw", 5400)], threads=2)
     manifest = json.loads((synthetic.root / "manifest.json").read_text())

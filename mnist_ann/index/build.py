@@ -30,6 +30,10 @@ from mnist_ann.store.collection import (
 )
 
 ADD_BATCH = 8192
+# above this many rows an index is trained on a seeded sample (3.3 GB of float32 pixels):
+# k-means samples far fewer anyway, and a PCA's axes are settled long before
+TRAIN_SAMPLE = 2**20
+TRAIN_SAMPLE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,23 @@ def make_index(recipe: Recipe, dimension: int) -> faiss.Index:
     return index
 
 
+def training_sample(vectors: np.ndarray) -> np.ndarray:
+    """The rows an index is trained on, as float32: all of them up to TRAIN_SAMPLE, else a
+    seeded sample of TRAIN_SAMPLE (in row order), so that training memory stays bounded."""
+    if len(vectors) > TRAIN_SAMPLE:
+        rows = np.sort(np.random.default_rng(TRAIN_SAMPLE_SEED).choice(
+            len(vectors), TRAIN_SAMPLE, replace=False))
+        vectors = vectors[rows]
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
 def train_index(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = silent) -> None:
     if not index.is_trained:
-        log(f"{label}: training on {len(vectors):,} vectors")
+        sample = training_sample(vectors)
+        log(f"{label}: training on {len(sample):,} vectors"
+            + (f" (a seeded sample of {len(vectors):,})" if len(sample) < len(vectors) else ""))
         try:
-            index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+            index.train(sample)
         except RuntimeError as exc:
             raise MnistAnnError(f"{label}: FAISS could not train: "
                                 f"{str(exc).strip().splitlines()[-1]}") from exc
@@ -240,8 +256,11 @@ def build_indexes(collection: Collection, recipes: list[Recipe], threads: int | 
                 if recipe.pipeline:
                     log(f"{recipe.name}: applying {', '.join(recipe.pipeline)} to the training "
                         "set")
-                vectors[recipe.pipeline] = apply_pipeline(recipe.pipeline,
-                                                          collection.train().pixels)
+                # the pixels themselves without a pipeline: they become float32 a batch at
+                # a time, never all at once (12.6 GB for four million rows)
+                pixels = collection.train().pixels
+                vectors[recipe.pipeline] = (apply_pipeline(recipe.pipeline, pixels)
+                                            if recipe.pipeline else pixels)
             started = time.perf_counter()
             if recipe.shards > 1:
                 ranges = shard_ranges(len(vectors[recipe.pipeline]), recipe.shards)
