@@ -30,10 +30,11 @@ _EXPORTS = {
     "DataError": "mnist_ann.errors",
     "IntegrityError": "mnist_ann.errors",
     "load_mnist": "mnist_ann.data.mnist",
+    "read_model": "mnist_ann.model",
 }
 __all__ = ["Classification", "Classifier", "Collection", "DataError", "IntegrityError",
            "InvalidArgument", "KNeighborsClassifier", "MnistAnnError", "Neighbours",
-           "RankingSpace", "Searcher", "Store", "load_mnist"]
+           "RankingSpace", "Searcher", "Store", "load_mnist", "read_model"]
 
 if TYPE_CHECKING:
     from mnist_ann.api import Collection, Store
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from mnist_ann.index.neighbours import Neighbours
     from mnist_ann.index.searchers import Searcher
     from mnist_ann.index.space import RankingSpace
+    from mnist_ann.model import read_model
 
 
 def __getattr__(name: str) -> Any:

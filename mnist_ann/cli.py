@@ -313,6 +313,9 @@ query_k_option = click.option("-k", "k", type=int, default=None,
 @click.option("--confusion", "confusion_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the confusion-matrix heatmap here (PNG).")
 @cluster_option
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Classify with this exported model file alone (mnist-ann "
+                                 "export), without a store; needs --input.")
 @click.option("--reject-below", "reject_below", type=click.FloatRange(0, 1), default=None,
               help="Reject predictions whose confidence (the winner's share of the vote; for "
                    "deskew-idm, drawn from its re-ranked pool) is under this; the summary "
@@ -324,8 +327,9 @@ query_k_option = click.option("-k", "k", type=int, default=None,
 def query(collection_name: str, index_name: str, k: int, params: dict, weights: str,
           input_path: Path | None, normalize_mode: str, labels_path: Path | None,
           output_path: Path | None,
-          confusion_path: Path | None, cluster: str | None, reject_below: float | None,
-          threads: int | None, store: Path | None, quiet: bool, as_json: bool) -> None:
+          confusion_path: Path | None, cluster: str | None, model_path: Path | None,
+          reject_below: float | None, threads: int | None, store: Path | None, quiet: bool,
+          as_json: bool) -> None:
     """Classify images by a vote of their k nearest neighbours in an index."""
     from mnist_ann.cluster import check_cluster, connected
     from mnist_ann.data.queries import Queries, check_output_path, read_queries
@@ -333,7 +337,18 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
     log = stderr_log(quiet)
     if output_path is not None:
         check_output_path(output_path)
-    collection = open_collection(store, collection_name)
+    if model_path is not None:
+        given = [f"--{name}" for name in ("collection", "index", "store", "cluster")
+                 if click.get_current_context().get_parameter_source(
+                     {"collection": "collection_name", "index": "index_name"}.get(name, name))
+                 == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--model classifies from the model file alone: drop "
+                                   f"{', '.join(given)}")
+        if input_path is None:
+            raise click.UsageError("--model needs --input (a model file holds no test set)")
+    if model_path is None:
+        collection = open_collection(store, collection_name)
     if input_path is None:
         queries = Queries.from_table(collection.test(), f"{collection_name}/test.parquet")
     else:
@@ -342,18 +357,29 @@ def query(collection_name: str, index_name: str, k: int, params: dict, weights: 
         raise click.UsageError("--confusion needs labelled queries")
     if cluster is not None:
         check_cluster(cluster)
-    log(f"loading index {index_name!r} of {collection_name!r} (checksum verified)")
     with connected(cluster, log) as client:
         started = time.perf_counter()
-        classifier = collection.classifier(index_name, k=k, params=params, weights=weights,
-                                           threads=threads, cluster=client)
+        if model_path is None:
+            log(f"loading index {index_name!r} of {collection_name!r} (checksum verified)")
+            classifier = collection.classifier(index_name, k=k, params=params,
+                                               weights=weights, threads=threads,
+                                               cluster=client)
+            factory = collection.indexes[index_name]["factory"]
+        else:
+            from mnist_ann.model import read_model
+
+            log(f"loading the model {model_path} (checksum verified)")
+            model = read_model(model_path)
+            classifier = model.classifier(k=k, params=params, weights=weights,
+                                          threads=threads)
+            collection_name, index_name = None, model.name
+            factory = model.entry["factory"]
         load_seconds = time.perf_counter() - started
         log(f"classifying {len(queries.pixels):,} images"
             + (f" on the cluster {cluster}" if cluster else ""))
         result = classifier.classify(queries.pixels)
     summary = {"input": queries.description, "n": len(queries.pixels), "k": classifier.k,
-               "collection": collection_name, "index": index_name,
-               "factory": collection.indexes[index_name]["factory"],
+               "collection": collection_name, "index": index_name, "factory": factory,
                "space": classifier.space, "params": result.params, "weights": weights,
                "load_seconds": round(load_seconds, 4), "seconds": round(result.seconds, 4),
                "queries_per_second": round(result.queries_per_second, 1),
@@ -453,9 +479,31 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
                "results.json, plots)")
 
 
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
+              "mib": 2**20, "gib": 2**30}
+
+
+class ByteSize(click.ParamType):
+    """A size such as 4MB, 500kB, 1.5GiB or 1000000 (bytes): MB is 10⁶ bytes, MiB 2²⁰."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = match and match[2].lower()
+        if match is None or unit not in SIZE_UNITS or float(match[1]) <= 0:
+            self.fail(f"{value!r} is not a size: give a positive number with B, kB, MB, GB, "
+                      "KiB, MiB or GiB, e.g. 4MB", param, ctx)
+        return int(float(match[1]) * SIZE_UNITS[unit])
+
+
 @main.command()
 @collection_option
-@click.option("--index", "index_name", required=True, help="Index of the collection to tune.")
+@click.option("--index", "index_names", multiple=True,
+              help="Index of the collection to tune (one; with --max-memory, the indexes to "
+                   "choose among, repeatable [default: every built index]).")
 @click.option("--recall", "recall_target", type=click.FloatRange(0, 1, min_open=True),
               default=None, help="Target: recall@k at least this, e.g. 0.99.")
 @click.option("--accuracy-within", type=click.FloatRange(0, 1), default=None,
@@ -464,6 +512,10 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
               help="Target for a re-ranked index (deskew-idm): the most accurate k, pool and "
                    "gate whose re-ranks average at most this many comparisons a query (k is "
                    "chosen, so -k does not apply).")
+@click.option("--max-memory", type=ByteSize(), default=None,
+              help="Target: the most accurate index and setting whose index file, labels and "
+                   "the training features it reads fit this size, e.g. 4MB; recorded as that "
+                   "index's default.")
 @k_option
 @click.option("--held-out", type=click.IntRange(min=10), default=None,
               help="Training rows held out and searched (the test set is never read); "
@@ -477,26 +529,35 @@ def report(collection_name: str, index_names: tuple[str, ...], k: int, out: Path
 @store_option
 @quiet_option
 @json_option
-def tune(collection_name: str, index_name: str, recall_target: float | None,
-         accuracy_within: float | None, budget: float | None, k: int, held_out: int | None,
+def tune(collection_name: str, index_names: tuple[str, ...], recall_target: float | None,
+         accuracy_within: float | None, budget: float | None, max_memory: int | None, k: int,
+         held_out: int | None,
          seed: int, repeats: int, threads: int, store: Path | None, quiet: bool,
          as_json: bool) -> None:
     """Record the fastest search setting that meets a target as the index's default (for a
     re-ranked index: the most accurate k, pool and gate within a budget)."""
     from mnist_ann.evaluation.sweep import format_params
-    from mnist_ann.evaluation.tune import Target, tune_index
+    from mnist_ann.evaluation.tune import Target, tune_index, tune_memory
     from mnist_ann.render.report import format_cell
 
     targets = [Target(kind, value) for kind, value in (
-        ("recall", recall_target), ("accuracy", accuracy_within), ("budget", budget))
-        if value is not None]
+        ("recall", recall_target), ("accuracy", accuracy_within), ("budget", budget),
+        ("memory", max_memory)) if value is not None]
     if len(targets) != 1:
-        raise click.UsageError("give exactly one target: --recall R, --accuracy-within D or "
-                               "(for a re-ranked index) --budget N")
+        raise click.UsageError("give exactly one target: --recall R, --accuracy-within D, "
+                               "--max-memory SIZE or (for a re-ranked index) --budget N")
     target = targets[0]
+    if target.kind != "memory" and len(index_names) != 1:
+        raise click.UsageError("give the index to tune: --index NAME (several only with "
+                               "--max-memory)")
     collection = open_collection(store, collection_name)
-    result = tune_index(collection, index_name, target, k, held_out, seed, threads, repeats,
-                        stderr_log(quiet), progress_bars(quiet))
+    if target.kind == "memory":
+        result = tune_memory(collection, max_memory, list(index_names), k, held_out, seed,
+                             threads, repeats, stderr_log(quiet), progress_bars(quiet))
+    else:
+        result = tune_index(collection, index_names[0], target, k, held_out, seed, threads,
+                            repeats, stderr_log(quiet), progress_bars(quiet))
+    index_name = result["index"]
     if as_json:
         emit(result, True)
         return
@@ -504,12 +565,45 @@ def tune(collection_name: str, index_name: str, recall_target: float | None,
     rows = [{**{key: format_cell(row[key]) for key in columns},
              "params": format_params(row["params"])} for row in result["measured"]]
     click.echo(format_table(rows, columns))
-    there = (f"exact accuracy there {result['exact_accuracy']:.4f}" if "exact_accuracy" in result
-             else f"the best without a budget {result['best_unbounded_accuracy']:.4f}")
+    if "exact_accuracy" in result:
+        there = f"exact accuracy there {result['exact_accuracy']:.4f}"
+    elif "resident_bytes" in result:
+        there = f"it needs {result['resident_bytes'] / 1e6:,.2f} MB"
+    else:
+        there = f"the best without a budget {result['best_unbounded_accuracy']:.4f}"
     click.echo(f"\n{index_name}: default is now {format_params(result['chosen']['params'])} "
                f"({target.describe()} on {result['held_out']:,} held-out training rows; {there})")
     if "margin" in result:
         click.echo(f"margin: {result['margin']}")
+
+
+@main.command()
+@collection_option
+@click.option("--index", "index_name", required=True, help="Index of the collection to export.")
+@click.option("--out", "out_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The model file to write (replaced whole, never half-written).")
+@store_option
+@quiet_option
+@json_option
+def export(collection_name: str, index_name: str, out_path: Path, store: Path | None,
+           quiet: bool, as_json: bool) -> None:
+    """Write one self-contained, checksummed model file (index, labels, pipeline, search
+    defaults) that `query --model` classifies with, without a store."""
+    from mnist_ann.model import export_model
+    from mnist_ann.store.collection import resident_bytes
+
+    if out_path.parent and not out_path.parent.is_dir():
+        raise click.UsageError(f"--out {out_path}: its folder does not exist")
+    collection = open_collection(store, collection_name)
+    header = export_model(collection, index_name, out_path)
+    summary = {"out": str(out_path), "bytes": out_path.stat().st_size, "index": index_name,
+               "collection": collection_name, "factory": header["entry"]["factory"],
+               "k": header["k"], "search_defaults": header["entry"]["search_defaults"],
+               "sections": header["sections"],
+               "resident_bytes": resident_bytes(header["entry"], header["rows"])}
+    stderr_log(quiet)(f"model written to {out_path} ({summary['bytes'] / 1e6:,.2f} MB)")
+    emit(summary, as_json)
 
 
 @main.command()

@@ -181,7 +181,7 @@ class SpaceName:
     @classmethod
     def of(cls, entry: dict) -> SpaceName:
         steps = list(entry.get("pipeline") or [])
-        if entry.get("rank_space") == "index":
+        if entry.get("rank_space") in ("index", "codes"):
             steps.append(f"{entry['factory']}'s own transforms")
         return cls("-".join(steps) or "pixels", " → ".join(steps) or "pixels")
 

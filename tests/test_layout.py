@@ -17,7 +17,7 @@ LAYERS = [
     {"store"},
     {"index"},
     {"classify"},
-    {"api", "estimator", "cluster"},
+    {"api", "estimator", "cluster", "model"},
     {"evaluation"},
     {"render"},
     {"serve"},

@@ -112,3 +112,25 @@ def test_deskew_pca_beats_raw_pixels_through_an_approximate_index(
     test = seed_collection.test()
     result = seed_collection.classifier("deskew-pca-ivf").classify(test.pixels)
     assert np.mean(result.predictions == test.labels) >= 0.985
+
+
+def test_small_recipes_meet_their_size_and_accuracy_on_the_seed_split(
+        seed_collection: Collection, tmp_path) -> None:
+    """Issue 18's size targets at the recipes' defaults (which `tune --max-memory` also
+    chooses on held-out training rows): ≥ 98.5% within 4 MB, ≥ 97.5% within 1 MB; an
+    exported model predicts as its index."""
+    from mnist_ann.model import export_model, read_model
+    from mnist_ann.store.collection import resident_bytes
+
+    n_train = len(seed_collection.train())
+    build_indexes(seed_collection, [resolve_recipe(name, n_train)
+                                    for name in ("deskew-pca-sq8", "deskew-pca-pq")], threads=2)
+    test = seed_collection.test()
+    for name, budget, floor in (("deskew-pca-sq8", 4e6, 0.985), ("deskew-pca-pq", 1e6, 0.975)):
+        assert resident_bytes(seed_collection.indexes[name], n_train) <= budget, name
+        result = seed_collection.classifier(name).classify(test.pixels)
+        assert np.mean(result.predictions == test.labels) >= floor, name
+        export_model(seed_collection, name, tmp_path / f"{name}.model")
+        assert (tmp_path / f"{name}.model").stat().st_size <= budget
+        model = read_model(tmp_path / f"{name}.model").classifier()
+        np.testing.assert_array_equal(model.predict(test.pixels), result.predictions)

@@ -30,7 +30,8 @@ from mnist_ann.index.build import build_indexes
 from mnist_ann.index.recipes import resolve_recipe
 
 OUTPUTS = ["results.csv", "results.json", "recall_vs_qps.png", "accuracy_vs_latency.png",
-           "risk_coverage.png", "confusion.png", "report.html", "report.md"]
+           "risk_coverage.png", "accuracy_vs_size.png", "confusion.png", "report.html",
+           "report.md"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,12 @@ def test_rows_cover_every_grid_point_and_the_baselines(report: dict, small: Coll
         assert all(value < 1.0 for value in recalls[:-1])
         assert len(swept) == len(grid) or recalls[-1] == 1.0
     assert len(by_index["scikit-learn"]) == 1
+    from mnist_ann.store.collection import resident_bytes
+
+    for name, rows in by_index.items():  # the size plot's x: what the index needs in memory
+        entry = small.indexes.get(name)
+        expected = (f"{resident_bytes(entry, len(small.train())) / 1e6}" if entry else "")
+        assert {row["memory_mb"] for row in rows} == {expected}, name
     try:
         import hnswlib  # noqa: F401
     except ImportError:
@@ -242,4 +249,4 @@ def test_report_html_images_load_in_chromium(report: dict, tmp_path: Path) -> No
     match = re.search(r'data-images="(\d+)/(\d+)"', done.stdout)
     assert match, done.stderr[-2000:]
     total, loaded = map(int, match.groups())
-    assert total == 4 and loaded == 4  # recall, latency, risk-coverage, confusion
+    assert total == 5 and loaded == 5  # recall, latency, risk-coverage, size, confusion

@@ -31,6 +31,7 @@ from mnist_ann.index.recipes import focus_of, grid_points
 from mnist_ann.index.searchers import Searcher
 from mnist_ann.machine import describe_machine, peak_memory_mb
 from mnist_ann.runtime import Log, Progress, ProgressBar, faiss_threads, no_progress, silent
+from mnist_ann.store.collection import resident_bytes
 
 RECALL_TARGETS = (0.90, 0.95, 0.99, 0.999)
 ACCURACY_TOLERANCE = 0.001
@@ -109,7 +110,8 @@ def measured_row(name: str, kind: str, factory: str, params: dict, reference: Re
             "agreement": accuracy(predictions, reference.exact_predictions),
             "batch_median_s": median, "batch_best_s": min(times), "batch_runs": len(times),
             "queries_per_second": len(reference.queries) / median, **latency,
-            "build_seconds": build_seconds, "index_mb": index_mb, "default": "",
+            "build_seconds": build_seconds, "index_mb": index_mb, "memory_mb": None,
+            "default": "",
             **dict.fromkeys(CERTIFIED_COLUMNS),
             "peak_memory_mb": peak_memory_mb(), "predictions": predictions,
             "confidence": confidence}
@@ -164,6 +166,7 @@ def sweep_index(collection: Collection, name: str, reference: Reference,
             result.predictions, times, latency,
             entry["build_seconds"], entry["bytes"] / 1e6, result.confidence))
         rows[-1].update({key: result.stats.get(key) for key in CERTIFIED_COLUMNS})
+        rows[-1]["memory_mb"] = resident_bytes(entry, searcher.ntotal) / 1e6
         if result.params == defaults:  # the setting `query` uses when not told otherwise
             rows[-1]["default"] = "tuned" if "tuned" in entry else "recipe"
         bar.update(1)

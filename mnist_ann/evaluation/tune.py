@@ -40,7 +40,8 @@ MARGIN = (f"the target is met by a one-sided {CONFIDENCE:.0%} lower confidence b
 class Target:
     """recall: recall@k at least `value`; accuracy: within `value` of exact search's;
     budget (re-ranked indexes): the most accurate setting whose re-ranks average at most
-    `value` comparisons a query."""
+    `value` comparisons a query; memory: the most accurate index and setting within `value`
+    bytes (tune_memory)."""
 
     kind: str
     value: float
@@ -50,6 +51,8 @@ class Target:
             return f"recall@k ≥ {self.value:g}"
         if self.kind == "budget":
             return f"most accurate within {self.value:g} re-rank comparisons a query"
+        if self.kind == "memory":
+            return f"most accurate within {self.value / 1e6:,.2f} MB"
         return f"accuracy ≥ exact - {self.value:g}"
 
     def met(self, row: dict) -> bool:
@@ -157,35 +160,10 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
     if held_out is None:
         held_out = default_held_out(len(train))
     held = HeldOut.draw(train, held_out, seed)
-    queries, labels = train.pixels[held.rows], train.labels[held.rows]
-    with faiss_threads(threads):
-        searcher, exact_searcher, kept = tuning_copy(collection, name, held, log)
-        log(f"{name}: exact neighbours of {held_out:,} held-out training rows in the "
-            f"{searcher.space.description} space of the copy")
-        truth = exact_searcher.search(queries, k)
-    voter = Classifier(searcher, train.labels[kept], k=k)
-    exact_correct = voter.votes(truth) == labels
-    exact_accuracy = float(exact_correct.mean())
-    measured = []
-    points = grid_points(grid)
-    with progress(f"tuning {name}", len(points)) as bar, faiss_threads(threads):
-        for params in points:
-            found, seconds = time_batch(lambda p=params: searcher.search(queries, k, p),
-                                        lambda p=params: searcher.search(queries[:WARM_UP],
-                                                                         k, p), repeats)
-            per_query = per_query_recall(found.distances, truth.distances, k)
-            correct = voter.votes(found) == labels
-            row = {"params": searcher.parameters(params),
-                   "recall": recall(found.distances, truth.distances, k),
-                   "recall_bound": lower_bound(per_query),
-                   "accuracy": float(correct.mean()),
-                   "exact_accuracy": exact_accuracy,
-                   "accuracy_gap_bound": lower_bound(correct.astype(float)
-                                                     - exact_correct.astype(float)),
-                   "queries_per_second": held_out / statistics.median(seconds)}
-            row["meets_target"] = target.met(row)
-            measured.append(row)
-            bar.update(1)
+    measured, exact_accuracy = score_grid(collection, name, held, k, threads, repeats, log,
+                                          progress)
+    for row in measured:
+        row["meets_target"] = target.met(row)
     meeting = [row for row in measured if row["meets_target"]]
     if not meeting:
         best = max(measured, key=lambda r: (r["recall"], r["accuracy"]))
@@ -211,6 +189,110 @@ def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
             "columns": ["params", "recall", "recall_bound", "accuracy", "queries_per_second",
                         "meets_target"]}
 
+
+def score_grid(collection: Collection, name: str, held: HeldOut, k: int, threads: int,
+               repeats: int, log: Log = silent,
+               progress: Progress = no_progress) -> tuple[list[dict], float]:
+    """Every setting of index `name`'s grid on the held-out rows, searched in a tuning copy:
+    recall against exact search in the copy's space, the k=`k` vote's accuracy, queries/s;
+    and the exact search's own accuracy."""
+    train = collection.train()
+    queries, labels = train.pixels[held.rows], train.labels[held.rows]
+    with faiss_threads(threads):
+        searcher, exact_searcher, kept = tuning_copy(collection, name, held, log)
+        log(f"{name}: exact neighbours of {len(held.rows):,} held-out training rows in the "
+            f"{searcher.space.description} space of the copy")
+        truth = exact_searcher.search(queries, k)
+    voter = Classifier(searcher, train.labels[kept], k=k)
+    exact_correct = voter.votes(truth) == labels
+    exact_accuracy = float(exact_correct.mean())
+    measured = []
+    points = grid_points(collection.indexes[name].get("search_grid") or {})
+    with progress(f"tuning {name}", len(points)) as bar, faiss_threads(threads):
+        for params in points:
+            found, seconds = time_batch(lambda p=params: searcher.search(queries, k, p),
+                                        lambda p=params: searcher.search(queries[:WARM_UP],
+                                                                         k, p), repeats)
+            per_query = per_query_recall(found.distances, truth.distances, k)
+            correct = voter.votes(found) == labels
+            measured.append({
+                "params": searcher.parameters(params),
+                "recall": recall(found.distances, truth.distances, k),
+                "recall_bound": lower_bound(per_query),
+                "accuracy": float(correct.mean()),
+                "exact_accuracy": exact_accuracy,
+                "accuracy_gap_bound": lower_bound(correct.astype(float)
+                                                  - exact_correct.astype(float)),
+                "queries_per_second": len(queries) / statistics.median(seconds)})
+            bar.update(1)
+    return measured, exact_accuracy
+
+
+def tune_memory(collection: Collection, max_bytes: int, names: list[str] | None = None,
+                k: int = 7, held_out: int | None = None, seed: int = 0, threads: int = 1,
+                repeats: int = 3, log: Log = silent, progress: Progress = no_progress) -> dict:
+    """Among the built indexes (or `names`) whose memory (resident_bytes: the index file,
+    the labels and any training features its ranking reads) fits `max_bytes`, and every
+    setting of their grids, the most accurate on held-out training rows; among those within
+    one held-out error of it, the fastest. Recorded as that index's search default."""
+    from mnist_ann.store.collection import resident_bytes
+
+    if max_bytes <= 0:
+        raise InvalidArgument(f"a memory budget is a positive size, not {max_bytes}")
+    train = collection.train()
+    names = list(names or collection.indexes)
+    for name in names:
+        if name not in collection.indexes:
+            collection.searcher(name)  # the store's own error for an unknown index
+    sizes = {name: resident_bytes(collection.indexes[name], len(train)) for name in names}
+    fitting = []
+    for name in names:
+        entry = collection.indexes[name]
+        if entry.get("rerank") or int(entry.get("shards", 1)) > 1:
+            log(f"{name}: a re-ranked or sharded index is not compared here (tune a re-ranked "
+                "one with --budget)")
+        elif sizes[name] > max_bytes:
+            log(f"{name}: needs {sizes[name] / 1e6:,.2f} MB, over the budget")
+        else:
+            fitting.append(name)
+    if not fitting:
+        smallest = min(sizes, key=sizes.get) if sizes else None
+        raise MnistAnnError(
+            f"no index of {collection.name!r} fits {max_bytes / 1e6:,.2f} MB"
+            + (f" (the smallest, {smallest}, needs {sizes[smallest] / 1e6:,.2f} MB)"
+               if smallest else "")
+            + "; build a small recipe (deskew-pca-pq, deskew-pca-sq8) or give a larger "
+              "--max-memory; the manifest is unchanged")
+    if held_out is None:
+        held_out = default_held_out(len(train))
+    held = HeldOut.draw(train, held_out, seed)
+    measured = []
+    for name in fitting:
+        collection.searcher(name)  # a damaged index: its own error, before building a copy
+        rows, _ = score_grid(collection, name, held, k, threads, repeats, log, progress)
+        measured += [{"index": name, "resident_mb": sizes[name] / 1e6, **row} for row in rows]
+    best = max(row["accuracy"] for row in measured)
+    near = [row for row in measured if row["accuracy"] >= best - 1 / held_out - 1e-12]
+    chosen = max(near, key=lambda r: r["queries_per_second"])
+    name = chosen["index"]
+    for row in measured:
+        row["meets_target"] = row is chosen
+    record(collection, name, chosen["params"], {
+        "target": {"kind": "memory", "value": max_bytes}, "k": k,
+        "held_out": {"rows": held_out, "seed": seed, "from": "train",
+                     "searched_in": "a copy of the index without them"},
+        "threads": threads, "repeats": repeats, "params": chosen["params"],
+        "resident_bytes": sizes[name], "accuracy": chosen["accuracy"],
+        "recall": chosen["recall"], "queries_per_second": chosen["queries_per_second"],
+        "compared": fitting}, log)
+    log(f"{name}: {format_params(chosen['params'])} is the most accurate setting within "
+        f"{max_bytes / 1e6:,.2f} MB (within one held-out error, then the fastest); recorded "
+        "as its search default")
+    return {"index": name, "target": Target("memory", max_bytes).describe(),
+            "held_out": held_out, "chosen": chosen, "measured": measured,
+            "resident_bytes": sizes[name],
+            "columns": ["index", "params", "resident_mb", "accuracy", "recall",
+                        "queries_per_second", "meets_target"]}
 
 
 def tuning_copy(collection: Collection, name: str, held: HeldOut, log: Log = silent):

@@ -13,7 +13,7 @@ import numpy as np
 from mnist_ann.data.pipeline import apply_pipeline
 from mnist_ann.errors import InvalidArgument, MnistAnnError
 from mnist_ann.fileio import checkpoint, remove_stale_temporaries, write_named_by_content
-from mnist_ann.index.layers import index_layers, make_factory_index
+from mnist_ann.index.layers import drop_pca_rotations, index_layers, make_factory_index
 from mnist_ann.index.recipes import Recipe, check_trainable, focused_grid
 from mnist_ann.index.sharded import shard_ranges
 from mnist_ann.machine import simd_level
@@ -71,6 +71,7 @@ def train_index(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = 
         except RuntimeError as exc:
             raise MnistAnnError(f"{label}: FAISS could not train: "
                                 f"{str(exc).strip().splitlines()[-1]}") from exc
+        drop_pca_rotations(index)
 
 
 def train_and_add(index: faiss.Index, vectors: np.ndarray, label: str, log: Log = silent,

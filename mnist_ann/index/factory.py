@@ -17,6 +17,7 @@ from mnist_ann.index.certified import CertifiedSearcher
 from mnist_ann.index.layers import is_exhaustive, stores_bytes
 from mnist_ann.index.recipes import Recipe
 from mnist_ann.index.searchers import (
+    CodesSearcher,
     ExhaustiveSearcher,
     RerankSearcher,
     Searcher,
@@ -44,12 +45,21 @@ def certified_searcher(recipe: Recipe, index: faiss.Index, space: RankingSpace,
     return CertifiedSearcher(index, space, recipe.search_defaults, name)
 
 
+def codes_searcher(recipe: Recipe, index: faiss.Index, space: RankingSpace,
+                   name: str) -> Searcher:
+    return CodesSearcher(searched_index(recipe, index), space, recipe.search_defaults, name,
+                         owner=index)
+
+
 SEARCHER_KINDS: dict[str, SearcherKind] = {"faiss": faiss_searcher,
-                                           "certified": certified_searcher}
+                                           "certified": certified_searcher,
+                                           "codes": codes_searcher}
 
 
 def kind_of(recipe: Recipe) -> str:
-    return "certified" if recipe.certified else "faiss"
+    if recipe.certified:
+        return "certified"
+    return "codes" if recipe.rank_space == "codes" else "faiss"
 
 
 def make_searcher(recipe: Recipe, index: faiss.Index, space: RankingSpace,

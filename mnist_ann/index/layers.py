@@ -38,6 +38,16 @@ def describe_transform(transform: faiss.VectorTransform) -> str:
     return type(transform).__name__
 
 
+def drop_pca_rotations(index: faiss.Index) -> None:
+    """Free every trained PCA's full d-by-d eigenvector matrix (`PCAMat`, 2.5 MB for 784
+    pixels): applying the PCA uses only its d_out-by-d projection, and the matrix would
+    otherwise be written with the index."""
+    for layer in index_layers(index):
+        for transform in transforms_of(layer):
+            if isinstance(transform, faiss.PCAMatrix) and transform.is_trained:
+                transform.PCAMat.resize(0)
+
+
 def flat_vectors(index: faiss.Index) -> np.ndarray | None:
     """The float32 vectors [ntotal, d] a flat index (or an HNSW over flat storage) holds, as
     a view into FAISS's memory, valid while the index lives; None for other index types."""

@@ -37,7 +37,9 @@ class Recipe:
     # steps applied to the pixels before FAISS sees them (build and query alike)
     pipeline: tuple[str, ...] = ()
     # where the final exact ranking happens: "input" (the pipeline's output, the pixels when
-    # there is none) or "index" (after the factory's own transforms such as L2norm and PCA)
+    # there is none) or "index" (after the factory's own transforms such as L2norm and PCA);
+    # "codes": in the index's space too, but ranked by the index's own (compressed) distances,
+    # with no exact re-rank, so that nothing but the index and the labels is kept in memory
     rank_space: str = "input"
     # certified: the factory is PCA<D>,Flat, searched by lower-bound pruning (certified.py)
     certified: bool = False
@@ -201,6 +203,26 @@ def deskew_idm_recipe(n_train: int, dimension: int) -> Recipe:
                   focus_grid={"pool": [100], "gate": [7]}, rerank="idm")
 
 
+def deskew_pca_sq8_recipe(n_train: int, dimension: int) -> Recipe:
+    """Small: deskew-pca's space in one byte a component (IVF over SQ8 codes, 48 bytes a
+    row), ranked by the codes' own distances; a quarter of the usual lists, whose centroids
+    cost memory too."""
+    _needs_images("deskew-pca-sq8", dimension)
+    nlist = max(1, fitted_nlist(n_train) // 4)
+    grid = nprobe_grid(nlist)
+    return Recipe("deskew-pca-sq8", f"{DESKEW_PCA},IVF{nlist},SQ8", {"nlist": nlist},
+                  {"nprobe": min(16, nlist)}, {"nprobe": grid}, pipeline=("deskew",),
+                  rank_space="codes", focus_grid={"nprobe": _within(grid, [4, 8, 16, 32])})
+
+
+def deskew_pca_pq_recipe(n_train: int, dimension: int) -> Recipe:
+    """Smaller: deskew-pca's space in 12 bytes a row (24 sub-quantizers of 4 bits, FAISS's
+    fast-scan PQ), every row compared by the codes' own distances; no ids, no lists."""
+    _needs_images("deskew-pca-pq", dimension)
+    return Recipe("deskew-pca-pq", f"{DESKEW_PCA},PQ24x4fs", pipeline=("deskew",),
+                  rank_space="codes")
+
+
 # what `tune --budget 15 --held-out 5000` chooses on the seed split's training rows
 IDM_DEFAULTS = {"nprobe": 16, "pool": 100, "gate": 7, "k": 1}
 CANDIDATES_GRID = [16, 24, 32, 48, 64]
@@ -249,7 +271,8 @@ BUILTIN: dict[str, Callable[[int, int], Recipe]] = {
     "flat": flat_recipe, "ivf": ivf_recipe, "hnsw": hnsw_recipe,
     "exact-pca": exact_pca_recipe, "pca-hnsw": pca_hnsw_recipe, "pca-ivf": pca_ivf_recipe,
     "deskew-flat": deskew_flat_recipe, "deskew-pca-hnsw": deskew_pca_hnsw_recipe,
-    "deskew-pca-ivf": deskew_pca_ivf_recipe, "deskew-idm": deskew_idm_recipe}
+    "deskew-pca-ivf": deskew_pca_ivf_recipe, "deskew-idm": deskew_idm_recipe,
+    "deskew-pca-sq8": deskew_pca_sq8_recipe, "deskew-pca-pq": deskew_pca_pq_recipe}
 DEFAULT_RECIPES = ("flat", "ivf", "hnsw")
 _CUSTOM = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})=(?P<factory>.+)$")
 

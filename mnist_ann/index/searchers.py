@@ -228,14 +228,31 @@ def exhaustive_searcher(space: RankingSpace, name: str = "exact") -> ExhaustiveS
     return ExhaustiveSearcher(index, space, name=name)
 
 
+class CodesSearcher(FaissSearcher):
+    """A compressed index ranked by its own distances (between the query and each row's
+    codes), ordered by (distance, row): approximate, with nothing but the index in memory.
+    Its recall is measured against exact search in the same space, like any index's."""
+
+    def _search(self, features: np.ndarray, k: int, checked: dict,
+                faiss_params: faiss.SearchParameters | None) -> Neighbours:
+        distances, rows = self._candidates(features, k, faiss_params)
+        return order_exactly(rows, np.where(rows >= 0, distances.astype(np.float64), np.inf),
+                             k)
+
+
+def ranks_after_transforms(recipe: Recipe) -> bool:
+    """Whether the index's own transforms belong to the ranking space."""
+    return recipe.rank_space in ("index", "codes")
+
+
 def searched_index(recipe: Recipe, index: faiss.Index) -> faiss.Index:
     """The index FAISS searches: the inner one when the ranking happens after the index's
     own transforms (they are applied by the space), else the whole index."""
-    if recipe.rank_space == "index" and isinstance(index, faiss.IndexPreTransform):
+    if ranks_after_transforms(recipe) and isinstance(index, faiss.IndexPreTransform):
         return faiss.downcast_index(index.index)
     return index
 
 
 def space_transforms(recipe: Recipe, index: faiss.Index) -> list[faiss.VectorTransform]:
     """The index's own transforms that belong to the ranking space."""
-    return transforms_of(index) if recipe.rank_space == "index" else []
+    return transforms_of(index) if ranks_after_transforms(recipe) else []

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-from mnist_ann.data.mnist import as_pixels
+from mnist_ann.data.mnist import N_PIXELS, as_pixels
 from mnist_ann.data.pipeline import apply_pipeline
 from mnist_ann.errors import DataError, InvalidArgument
 from mnist_ann.index.layers import describe_transform
@@ -212,16 +212,22 @@ def pixel_queries(queries: np.ndarray) -> np.ndarray:
         raise InvalidArgument(str(exc)) from exc
 
 
+def image_features(pipeline: tuple[str, ...], transforms: list[faiss.VectorTransform],
+                   pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels [n, 784] through the pipeline, then the index's own transforms."""
+    features = apply_pipeline(pipeline, pixels)
+    for transform in transforms:
+        features = transform.apply(features)
+    return features
+
+
 def image_space(key: str, pipeline: tuple[str, ...], transforms: list[faiss.VectorTransform],
                 train_pixels: np.ndarray, owner: object = None) -> RankingSpace:
     """A space over MNIST images: the pixels, or the pipeline's features after the index's
     own transforms (which `owner`, the index holding them, keeps alive). Features other than
     the pixels are made on first use, a block of rows at a time."""
     def features_of(pixels: np.ndarray) -> np.ndarray:
-        features = apply_pipeline(pipeline, pixels)
-        for transform in transforms:
-            features = transform.apply(features)
-        return features
+        return image_features(pipeline, transforms, pixels)
 
     steps = [*pipeline, *map(describe_transform, transforms)]
     if not pipeline and not transforms:
@@ -238,6 +244,24 @@ def image_space(key: str, pipeline: tuple[str, ...], transforms: list[faiss.Vect
     return RankingSpace(key, steps, training_features,
                         lambda queries: features_of(pixel_queries(queries)), owner,
                         (len(train_pixels), dimension), np.float32)
+
+
+def featureless_space(key: str, pipeline: tuple[str, ...],
+                      transforms: list[faiss.VectorTransform], rows: int,
+                      owner: object = None) -> RankingSpace:
+    """A space over `rows` training images whose features are not kept (an exported model
+    ranked by its index's own codes): queries map into it, training features are refused."""
+    dimension = transforms[-1].d_out if transforms else N_PIXELS
+
+    def no_features() -> np.ndarray:
+        raise InvalidArgument(f"{key}: this model keeps no training features; exact search "
+                              "over it needs the collection it was exported from")
+
+    steps = [*pipeline, *map(describe_transform, transforms)]
+    return RankingSpace(key, steps, no_features,
+                        lambda queries: image_features(pipeline, transforms,
+                                                       pixel_queries(queries)),
+                        owner, (rows, dimension), np.float32)
 
 
 def vector_space(train: np.ndarray) -> RankingSpace:

@@ -27,10 +27,10 @@ CSV_COLUMNS = ["index", "kind", "factory", "space", "params", "k", "recall", "ac
                "exact_accuracy", "agreement",
                "queries_per_second", "batch_median_s", "batch_best_s", "batch_runs", "p50_ms",
                "p95_ms", "p99_ms", "latency_queries", "build_seconds", "index_mb",
-               "peak_memory_mb", "default", *CERTIFIED_COLUMNS]
+               "memory_mb", "peak_memory_mb", "default", *CERTIFIED_COLUMNS]
 RESULT_COLUMNS = ["index", "space", "params", "default", "recall", "accuracy", "agreement",
                   "queries_per_second", "p50_ms", "p99_ms", "build_seconds", "index_mb",
-                  *CERTIFIED_COLUMNS]
+                  "memory_mb", *CERTIFIED_COLUMNS]
 POINT_COLUMNS = ["index", "target", "params", "default", "recall", "accuracy",
                  "queries_per_second", "p99_ms"]
 REJECTION_COLUMNS = ["index", "params", "k", "accuracy", "max_error", "reject_below",
@@ -42,6 +42,7 @@ RERANK_TITLE = ("Re-ranked indexes against the exact re-rank distance over the w
 IMAGES = [("recall_vs_qps.png", "Recall against queries per second"),
           ("accuracy_vs_latency.png", "Accuracy against single-query p99 latency"),
           ("risk_coverage.png", "Error against coverage when the least confident are rejected"),
+          ("accuracy_vs_size.png", "Accuracy against the memory an index needs"),
           ("confusion.png", "Confusion matrix at the best operating point")]
 
 
@@ -132,6 +133,34 @@ def plot_risk_coverage(path: Path, rows: list[dict], labels: np.ndarray,
     save_figure(figure, path)
 
 
+SIZE_TARGETS_MB = (1, 4)  # the small-device budgets (issue 18)
+
+
+def plot_accuracy_vs_size(path: Path, rows: list[dict], k: int) -> None:
+    """Per index, its accuracy at every measured setting against the memory it needs
+    (store.collection.resident_bytes); the default setting drawn larger."""
+    from mnist_ann.render.plots import plt, save_figure
+
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    for name in dict.fromkeys(row["index"] for row in rows if row.get("memory_mb")):
+        mine = [row for row in rows if row["index"] == name]
+        best = max(mine, key=lambda r: (bool(r["default"]), r["accuracy"]))
+        line, = axis.plot([best["memory_mb"]], [best["accuracy"]], marker="o", markersize=8,
+                          linestyle="", label=f"{name} ({best['memory_mb']:,.2f} MB)")
+        axis.scatter([r["memory_mb"] for r in mine], [r["accuracy"] for r in mine],
+                     color=line.get_color(), alpha=0.3, s=14)
+    for size in SIZE_TARGETS_MB:
+        axis.axvline(size, color="black", linestyle=":", linewidth=1)
+    axis.set_xscale("log")
+    axis.set_xlabel("memory needed: index file, labels and the training features it ranks "
+                    "with (MB, log scale)")
+    axis.set_ylabel(f"accuracy of the k={k} vote")
+    axis.set_title("Accuracy against size (dotted: 1 MB and 4 MB; large dot: the default)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
 def format_cell(value: object) -> str:
     """A table cell: floats to 4 decimals, or with thousands separators from 100 up."""
     if value is None:
@@ -219,6 +248,7 @@ def write_report(out: Path, evaluation: Evaluation) -> None:
     plot_accuracy_vs_latency(out / "accuracy_vs_latency.png", rows, meta["k"])
     plot_risk_coverage(out / "risk_coverage.png", rows, evaluation.labels,
                        evaluation.rejections)
+    plot_accuracy_vs_size(out / "accuracy_vs_size.png", rows, meta["k"])
     write_csv(out / "results.csv", rows)
     write_json(out / "results.json", {"meta": meta, "operating_points": evaluation.points,
                                       "rejection_points": evaluation.rejections,

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_ann.data.mnist import Split
+from mnist_ann.data.mnist import N_PIXELS, Split
 from mnist_ann.data.tables import (
     PartsFile,
     Table,
@@ -177,6 +177,15 @@ def owned_files(entry: dict) -> list:
             *entry.get("shard_files", [])]
 
 
+def resident_bytes(entry: dict, n_train: int) -> int:
+    """What classifying with an index keeps in memory, as `tune --max-memory` and `export`
+    count it: the index file, one byte a label, and, unless it ranks by its own codes, the
+    training pixels its exact ranking reads (784 bytes a row; a re-rank that works in float32
+    may hold a copy of them as well, which is not counted)."""
+    features = 0 if entry.get("rank_space") == "codes" else n_train * N_PIXELS
+    return int(entry["bytes"]) + n_train + features
+
+
 @dataclass(frozen=True)
 class StoredIndex:
     """A FAISS index read from a collection, verified against its manifest entry and build
@@ -192,7 +201,7 @@ class StoredIndex:
         """A file-name-safe key of the space the index ranks in: `pixels`, `deskew`, or, when
         its own fitted transforms take part, the pipeline with the index file's checksum."""
         key = "-".join(self.entry.get("pipeline") or []) or "pixels"
-        if self.entry.get("rank_space") == "index":
+        if self.entry.get("rank_space") in ("index", "codes"):
             return f"{key}-{self.entry['sha256'][:12]}"
         return key
 
