@@ -45,6 +45,10 @@ def test_random_data_where_pca_captures_little(isolated: Path) -> None:
         assert stats["components"] == components
     # nothing prunes here: every query ends comparing with every row
     assert stats["fallback_queries"] == len(test)
+    # one query at a time (the point path) too
+    for components in (8, 128):
+        point = assert_exact(knn, train, test[:3], {"components": components})
+        assert point["lists"] == 1
 
 
 def test_structured_data_is_pruned_and_exact(isolated: Path) -> None:
@@ -158,7 +162,10 @@ def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path,
     # no margin: a row counts as beyond the k-th distance once its float32 bound reaches it
     monkeypatch.setattr(LowerBounds, "_needed", lambda self, kth_distances, *rest: (
         np.zeros(len(kth_distances)), kth_distances.astype(np.float64)))
-    found = knn.search(query, 7, params)
+    # (a batch of 64, so the range search's BLAS distances |q|² + |x|² - 2q·x are the ones
+    # rounded across 144; a single query's direct sums of squared differences round less)
+    batch = np.repeat(query, 64, axis=0)
+    found = knn.search(batch, 7, params)
     true_distances, true_rows = exact_knn(train, query, 7)
     assert np.all(true_distances == 144)
     # rows computed a hair above 144 are left out as "beyond the 7th distance": wrong rows

@@ -35,10 +35,13 @@ is fast). Per query, in named steps:
 5. `verify_pairs`: those rows verified exactly: the k nearest among them are the exact answer,
    since every row left out is farther than τ, which is at least the true k-th distance.
 
-Batches under SPLIT_BATCH queries use a single list of every row: steps 1 and 3 leave nothing
-out, and step 4 is a full scan of the projection, cheaper for them than the lists' fixed cost.
-"Queries scanning every list" (`fallback_queries`) are those for which no list could be left
-out (with a single list, every query): their range search covers every row.
+Batches under SPLIT_BATCH queries skip the lists (their fixed cost, a few FAISS calls per
+list, outweighs what they save there) and go query by query (`point_search`): every row's
+bound on the first SPAN_AXES axes in one SIMD pass, τ from the `candidates` rows nearest on
+`components` axes among the POINT_POOL nearest on those first axes, then the full bound only
+for the rows whose first bound is under τ's radius, and exact verification of those whose
+full bound is under it too. "Queries scanning every list" (`fallback_queries`) are those for
+which no list could be left out (on this path every query: it treats the rows as one list).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
 import faiss
 import numpy as np
@@ -69,6 +71,7 @@ MAX_LISTS = 256
 # smaller batches search one list of every row: the lists' fixed cost (a few FAISS calls per
 # list) would outweigh what they save
 SPLIT_BATCH = 64
+POINT_POOL = 256  # a single query's τ candidates: the nearest on the first axes, bounded fully
 VERIFY_CELLS = 1 << 15  # candidates verified at once, padded to the longest list among them
 RADIUS_SLACK = 1e-6  # relative, and 1e-3 absolute: "at or beyond" becomes "strictly beyond"
 
@@ -362,6 +365,48 @@ def verify_pairs(run: Map, verify: Verify, n: int, query_of: np.ndarray,
     return rows, distances, counts
 
 
+def _squared_distances(query: np.ndarray, vectors: np.ndarray,
+                       rows: np.ndarray | None = None) -> np.ndarray:
+    """float32 squared distances from one query to `vectors` [n, d] (or to the `rows` of it),
+    by FAISS's direct SIMD sums of squared differences."""
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    if rows is None:
+        out = np.empty(len(vectors), np.float32)
+        faiss.fvec_L2sqr_ny(faiss.swig_ptr(out), faiss.swig_ptr(query),
+                            faiss.swig_ptr(vectors), vectors.shape[1], len(vectors))
+        return out
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out = np.empty(len(rows), np.float32)
+    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(query),
+                            faiss.swig_ptr(vectors), faiss.swig_ptr(rows), vectors.shape[1],
+                            1, len(rows))
+    return out
+
+
+def point_search(bounds: LowerBounds, first_axes: np.ndarray, all_axes: np.ndarray,
+                 verify: Verify, position: int, projected: np.ndarray, norm: np.ndarray,
+                 k: int, width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One query's exact k nearest rows (and how many rows were verified), certified: every
+    row left out has a bound, on the first axes or on all `components`, at or beyond the
+    radius of τ, the k-th exact distance of `width` verified rows."""
+    query = projected[None, :]
+    first = _squared_distances(projected[:first_axes.shape[1]], first_axes)
+    pool = min(max(POINT_POOL, width), len(first))
+    nearest_first = np.argpartition(first, pool - 1)[:pool] if pool < len(first) \
+        else np.arange(len(first))
+    full = _squared_distances(projected, all_axes, nearest_first)
+    seeds = nearest_first[np.argsort(full, kind="stable")[:width]]
+    _, seed_distances = verify(np.array([position]), np.sort(seeds)[None, :], k)
+    kth = seed_distances[:, k - 1].astype(np.float64)
+    first_radius = bounds.radius(kth, norm, query[:, :first_axes.shape[1]],
+                                 first_axes.shape[1])[0]
+    survivors = np.flatnonzero(first < first_radius)
+    survivors = survivors[_squared_distances(projected, all_axes, survivors)
+                          < bounds.radius(kth, norm, query, all_axes.shape[1])[0]]
+    rows, distances = verify(np.array([position]), survivors[None, :], k)
+    return rows[0], distances[0], width + len(survivors)
+
+
 def _starts(counts: np.ndarray) -> np.ndarray:
     """Where each query's pairs begin once pairs are sorted by query."""
     return np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -420,8 +465,9 @@ class CertifiedSearcher(FaissSearcher):
                   threads: int = 1) -> tuple[np.ndarray, np.ndarray, dict]:
         """The exact k nearest rows of each query and their distances, certified, with what
         it took (lists scanned, rows verified)."""
-        split = len(pixels) >= SPLIT_BATCH
-        layout = self.layouts[split]
+        if len(pixels) < SPLIT_BATCH:
+            return self._point_queries(pixels, k, components, candidates)
+        layout = self.layouts[True]
         n = len(pixels)
         norms = squared_norms(pixels)
         projected = self.bounds.project(pixels, components)
@@ -429,11 +475,10 @@ class CertifiedSearcher(FaissSearcher):
         extended[:, :components] = projected
         width = min(max(candidates, k), self.ntotal)
         verify = self._verify(pixels)
-        # split: many small FAISS calls, several at once, each on one thread; one list: a few
-        # calls in this thread (other threads would only wait on each other)
-        with (ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads, initargs=(1,))
-              if split else nullcontext()) as pool:
-            run = pool.map if pool is not None else map
+        # many small FAISS calls, several at once, each on one thread
+        with ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads,
+                                initargs=(1,)) as pool:
+            run = pool.map
             minima = list_minima(layout, projected, run)
             query_of, row_of = nearest_in_best_lists(layout, minima, extended, width, run)
             _, first, first_counts = verify_pairs(run, verify, n, query_of, row_of, k)
@@ -443,12 +488,36 @@ class CertifiedSearcher(FaissSearcher):
             extended[:, components] = offsets
             query_of, row_of = rows_within(layout, needed, extended, radius, run)
             rows, distances, counts = verify_pairs(run, verify, n, query_of, row_of, k)
-        scanned = needed.sum(axis=0)
-        verified = first_counts + counts
-        stats = {"components": components, "lists": len(layout),
+        return rows, distances, self._stats(components, len(layout), needed.sum(axis=0),
+                                            first_counts + counts)
+
+    def _point_queries(self, pixels: np.ndarray, k: int, components: int,
+                       candidates: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """A small batch, query by query (point_search), in the calling thread."""
+        whole = self.layouts[False]
+        first_axes = whole.vectors(0, min(SPAN_AXES, components))[0]
+        all_axes = (self.bounds.projected if components == self.bounds.dimension
+                    else whole.vectors(0, components)[0])
+        n = len(pixels)
+        norms = squared_norms(pixels)
+        projected = self.bounds.project(pixels, components)
+        width = min(max(candidates, k), self.ntotal)
+        verify = self._verify(pixels)
+        rows = np.empty((n, k), np.int64)
+        distances = np.empty((n, k), np.int64)
+        verified = np.empty(n, np.int64)
+        for i in range(n):
+            rows[i], distances[i], verified[i] = point_search(
+                self.bounds, first_axes, all_axes, verify, i, projected[i], norms[i:i + 1], k,
+                width)
+        return rows, distances, self._stats(components, 1, np.ones(n, np.int64), verified)
+
+    @staticmethod
+    def _stats(components: int, lists: int, scanned: np.ndarray, verified: np.ndarray) -> dict:
+        stats = {"components": components, "lists": lists,
                  "lists_scanned_median": float(np.median(scanned)),
                  "verified_median": float(np.median(verified)),
                  "verified_p99": float(np.percentile(verified, 99)),
                  "verified_max": int(verified.max()),
-                 "fallback_queries": int((scanned == len(layout)).sum())}
-        return rows, distances, stats
+                 "fallback_queries": int((scanned == lists).sum())}
+        return stats
