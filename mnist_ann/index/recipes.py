@@ -205,14 +205,14 @@ def deskew_idm_recipe(n_train: int, dimension: int) -> Recipe:
 
 def deskew_pca_sq8_recipe(n_train: int, dimension: int) -> Recipe:
     """Small: deskew-pca's space in one byte a component (IVF over SQ8 codes, 48 bytes a
-    row), ranked by the codes' own distances; a quarter of the usual lists, whose centroids
-    cost memory too."""
+    row and its 8-byte id), ranked by the codes' own distances. The usual lists: 1024
+    against 256 cost 0.15 MB of centroids and halve the rows scanned for the same accuracy."""
     _needs_images("deskew-pca-sq8", dimension)
-    nlist = max(1, fitted_nlist(n_train) // 4)
+    nlist = fitted_nlist(n_train)
     grid = nprobe_grid(nlist)
     return Recipe("deskew-pca-sq8", f"{DESKEW_PCA},IVF{nlist},SQ8", {"nlist": nlist},
                   {"nprobe": min(16, nlist)}, {"nprobe": grid}, pipeline=("deskew",),
-                  rank_space="codes", focus_grid={"nprobe": _within(grid, [4, 8, 16, 32])})
+                  rank_space="codes", focus_grid={"nprobe": _within(grid, [8, 16, 32, 64])})
 
 
 def deskew_pca_pq_recipe(n_train: int, dimension: int) -> Recipe:
