@@ -11,7 +11,10 @@ KNeighborsClassifier(n_neighbors=7).predict (the study's method), mnist-ann `fla
 list equals flat's; exact-pca must equal flat's in lists, distances and predictions. Prints
 throughput (median of --repeats runs, flat, Panorama and exact-pca interleaved; one run for
 scikit-learn), the ratios, and how much exact-pca scanned and verified per query.
-Builds exact-pca into the collection when it is missing.
+Then single queries: the first --single test images one at a time on one thread, through
+flat and exact-pca (each method's queries in turn, twice), p50 and p99 of the per-query
+times, exact-pca's lists equal to flat's. Builds exact-pca into the collection when it is
+missing.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
 from mnist_ann import Store
+from mnist_ann.api import Collection
 from mnist_ann.classify import Classifier
 from mnist_ann.evaluation.baselines import PanoramaSearcher, full_rotation
 from mnist_ann.evaluation.timing import WARM_UP_QUERIES, time_batch
@@ -46,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--levels", default="8,16,32", help="Panorama levels swept")
     parser.add_argument("--batch-sizes", default="128,512,2048", help="Panorama batch sizes")
+    parser.add_argument("--single", type=int, default=1000, help="single queries timed")
     args = parser.parse_args()
     collection = Store(args.store)[args.collection]
     train, test = collection.train(), collection.test()
@@ -139,6 +145,34 @@ def main() -> None:
               f" | {sklearn_seconds / median_seconds:.1f}x | {flat_seconds / median_seconds:.1f}x"
               f" | {f'{panorama_seconds / median_seconds:.1f}x' if best else '-'}"
               f" | {' | '.join(figures)} |")
+    single_queries(collection, test.pixels[:args.single])
+
+
+def single_queries(collection: Collection, pixels: np.ndarray) -> None:
+    """p50 and p99 of one-query-at-a-time search, one thread, flat and exact-pca."""
+    log(f"single queries: {len(pixels):,} one at a time, one thread")
+    classifiers = {name: collection.classifier(name, threads=1)
+                   for name in ("flat", "exact-pca")}
+    times: dict[str, list[float]] = {name: [] for name in classifiers}
+    rows: dict[str, np.ndarray] = {}
+    for classifier in classifiers.values():
+        classifier.neighbours(pixels[:3])  # warm-up: the single-query layout is made here
+    for _ in range(2):
+        for name, classifier in classifiers.items():
+            found = []
+            for i in range(len(pixels)):
+                start = time.perf_counter()
+                found.append(classifier.neighbours(pixels[i:i + 1]).rows)
+                times[name].append(time.perf_counter() - start)
+            rows[name] = np.concatenate(found)
+    if not np.array_equal(rows["exact-pca"], rows["flat"]):
+        raise SystemExit("exact-pca's single-query lists differ from flat's")
+    print(f"\nsingle queries (batches of 1, one thread, {len(pixels):,} queries twice; "
+          "exact-pca's lists = flat's: True)\n")
+    print("| method | p50 ms | p99 ms |\n|---|---|---|")
+    for name, seconds in times.items():
+        p50, p99 = np.percentile(np.array(seconds) * 1e3, [50, 99])
+        print(f"| mnist-ann {name} | {p50:.2f} | {p99:.2f} |")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path,
     assert_exact(knn, train, query, params, k=7)
     # no margin: a row counts as beyond the k-th distance once its float32 bound reaches it
     monkeypatch.setattr(LowerBounds, "_needed", lambda self, kth_distances, *rest: (
-        np.zeros(len(kth_distances)), kth_distances.astype(np.float64)))
+        np.zeros(kth_distances.shape), kth_distances.astype(np.float64)))
     # (a batch of 64, so the range search's BLAS distances |q|² + |x|² - 2q·x are the ones
     # rounded across 144; a single query's direct sums of squared differences round less)
     batch = np.repeat(query, 64, axis=0)
