@@ -58,7 +58,7 @@ from mnist_ann.index.layers import flat_vectors
 from mnist_ann.index.neighbours import Neighbours, order_exactly
 from mnist_ann.index.recipes import CANDIDATES, COMPONENTS, EXACT_PCA_CANDIDATES
 from mnist_ann.index.searchers import FaissSearcher, float32_margin
-from mnist_ann.index.space import RankingSpace, squared_norms
+from mnist_ann.index.space import RankingSpace, float32_distances, squared_norms
 
 UNIT_ROUNDING = 2.0**-24
 # a list's bound adds its smallest bound over each span of SPAN_AXES axes, up to GROUP_SPANS
@@ -68,8 +68,8 @@ GROUP_SPANS = 2
 ROWS_PER_LIST = 200
 FIRST_LISTS = 3  # the first candidates come from each query's best lists, at least this many
 MAX_LISTS = 256
-# smaller batches search one list of every row: the lists' fixed cost (a few FAISS calls per
-# list) would outweigh what they save
+# smaller batches go query by query (point_search): the lists' fixed cost (a few FAISS calls
+# per list) would outweigh what they save
 SPLIT_BATCH = 64
 POINT_POOL = 256  # a single query's τ candidates: the nearest on the first axes, bounded fully
 # a single query's bound is summed over these first axes, then all: the first on every row,
@@ -376,22 +376,19 @@ def verify_pairs(run: Map, verify: Verify, n: int, query_of: np.ndarray,
     return rows, distances, counts
 
 
-def _squared_distances(query: np.ndarray, vectors: np.ndarray,
-                       rows: np.ndarray | None = None) -> np.ndarray:
-    """float32 squared distances from one query to `vectors` [n, d] (or to the `rows` of it),
-    by FAISS's direct SIMD sums of squared differences."""
+def _distances_to_all(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """float32 squared distances from one query to every row of `vectors` [n, d], by FAISS's
+    direct SIMD sums of squared differences (as `float32_distances` computes for chosen rows)."""
     query = np.ascontiguousarray(query, dtype=np.float32)
-    if rows is None:
-        out = np.empty(len(vectors), np.float32)
-        faiss.fvec_L2sqr_ny(faiss.swig_ptr(out), faiss.swig_ptr(query),
-                            faiss.swig_ptr(vectors), vectors.shape[1], len(vectors))
-        return out
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    out = np.empty(len(rows), np.float32)
-    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(query),
-                            faiss.swig_ptr(vectors), faiss.swig_ptr(rows), vectors.shape[1],
-                            1, len(rows))
+    out = np.empty(len(vectors), np.float32)
+    faiss.fvec_L2sqr_ny(faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(vectors),
+                        vectors.shape[1], len(vectors))
     return out
+
+
+def _distances_to(query: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The same from one query to the `rows` of `vectors`."""
+    return float32_distances(vectors, query[None, :], rows[None, :])[0]
 
 
 def point_stops(components: int) -> list[int]:
@@ -407,11 +404,11 @@ def point_search(bounds: LowerBounds, spans: list[np.ndarray], all_axes: np.ndar
     the radius of τ, the k-th exact distance of `width` verified rows. `spans` are the rows
     on each span of axes between those stops but the last (all_axes holds every axis)."""
     stops = point_stops(all_axes.shape[1])
-    partial = _squared_distances(projected[:stops[0]], spans[0] if spans else all_axes)
+    partial = _distances_to_all(projected[:stops[0]], spans[0] if spans else all_axes)
     pool = min(max(POINT_POOL, width), len(partial))
     nearest_first = np.argpartition(partial, pool - 1)[:pool] if pool < len(partial) \
         else np.arange(len(partial))
-    full = _squared_distances(projected, all_axes, nearest_first)
+    full = _distances_to(projected, all_axes, nearest_first)
     seeds = nearest_first[np.argsort(full, kind="stable")[:width]]
     _, seed_distances = verify(np.array([position]), np.sort(seeds)[None, :], k)
     radii = bounds.radii(seed_distances[:, k - 1], norm, projected[None, :], stops)[0]
@@ -421,10 +418,9 @@ def point_search(bounds: LowerBounds, spans: list[np.ndarray], all_axes: np.ndar
     for level in range(1, len(stops)):
         start, stop = stops[level - 1], stops[level]
         if level < len(stops) - 1:
-            partial = partial + _squared_distances(projected[start:stop], spans[level],
-                                                   survivors)
+            partial = partial + _distances_to(projected[start:stop], spans[level], survivors)
         else:
-            partial = _squared_distances(projected, all_axes, survivors)
+            partial = _distances_to(projected, all_axes, survivors)
         inside = partial < radii[level]
         survivors, partial = survivors[inside], partial[inside]
     rows, distances = verify(np.array([position]), survivors[None, :], k)

@@ -40,7 +40,9 @@ def squared_norms(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
-def _float32_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def float32_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float64 copies of FAISS's float32 squared distances [n, c] from each query to its
+    candidate `rows` of `train` (inf where a row is -1)."""
     # FAISS's direct float32 squared differences, the same computation its HNSW and IVF
     # scanners use (no |q|² + |x|² - 2q·x cancellation), for every pair alike
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -182,10 +184,10 @@ class RankingSpace:
             if sums is not None:
                 return sums
             if self.dtype == np.float32:
-                return _float32_distances(self.features, features, rows)
+                return float32_distances(self.features, features, rows)
             return _float64_distances(self.features, features, rows)
         if sums is None:
-            sums = _float32_distances(self.float32, features, rows)
+            sums = float32_distances(self.float32, features, rows)
         result = np.where(rows >= 0, sums, 0).astype(np.int64)
         result[rows < 0] = MISSING
         inexact = (sums >= FLOAT32_EXACT_LIMIT) & (rows >= 0)
