@@ -121,9 +121,10 @@ def export_model(collection, name: str, out: Path) -> dict:
     return header
 
 
-def read_model(path: Path, max_bytes: int | None = None) -> Model:
+def read_model(path: str | Path, max_bytes: int | None = None) -> Model:
     """A model file, checked: its size (at most `max_bytes`), its sha256, then its header
     and every section's size, before any of it is parsed."""
+    path = Path(path)
     what = f"model {path}"
     try:
         size = path.stat().st_size

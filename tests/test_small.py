@@ -154,7 +154,7 @@ def test_an_exported_model_classifies_as_its_index_without_the_store(
         # the file is what resident_bytes counts, plus its header and checksum
         assert 0 < summary["bytes"] - summary["resident_bytes"] < 10_000
         expected = tiny.classifier(name).classify(queries)
-        model = read_model(out)
+        model = read_model(str(out))  # a path as a Python user types it
         got = model.classifier().classify(queries)
         np.testing.assert_array_equal(got.predictions, expected.predictions)
         np.testing.assert_array_equal(got.neighbours.distances, expected.neighbours.distances)
