@@ -258,6 +258,52 @@ def test_tune_chooses_within_the_budget_on_training_rows_only(idm_collection, mo
             row["comparisons"]), row
 
 
+def test_tune_takes_the_fewest_lists_that_keep_the_idm_nearest(idm_collection) -> None:
+    from mnist_ann.api import Collection
+    from mnist_ann.data.pipeline import deskew
+    from mnist_ann.evaluation.tune import COVERAGE, held_out_rows
+    from mnist_ann.index.recipes import nprobe_grid
+
+    result = run_cli("tune", "--collection", "small", "--index", "deskew-idm", "--budget", "8",
+                     "--held-out", "120", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    collection = Collection.open(idm_collection.root.parent, "small")
+    entry = collection.indexes["deskew-idm"]
+    assert entry["search_defaults"]["nprobe"] == summary["candidate_nprobe"]
+    # query by query: each held-out row's IDM-nearest among every list's pool, and the share
+    # of rows whose nprobe-list pool holds it
+    train, searcher = collection.train(), collection.searcher("deskew-idm")
+    nlist, pool = entry["build_args"]["nlist"], max(searcher.tuning_grid["pool"])
+    own_rows = held_out_rows(len(train), 120, 0)
+
+    def pools(nprobe: int) -> list[np.ndarray]:
+        found = searcher.base.search(train.pixels[own_rows], pool + 1,
+                                     {"nprobe": nprobe, "candidates": pool + 1})
+        return [rows[(rows != own) & (rows >= 0)][:pool]
+                for rows, own in zip(found.rows, own_rows, strict=True)]
+
+    queries = gradient_features(deskew(train.pixels[own_rows]))
+    nearest = [rows[np.lexsort((rows, idm_distances(query, searcher.features, rows)))[0]]
+               for rows, query in zip(pools(nlist), queries, strict=True)]
+    kept = {nprobe: np.mean([best in rows for best, rows in zip(nearest, pools(nprobe),
+                                                                   strict=True)])
+            for nprobe in nprobe_grid(nlist)}
+    expected = min([n for n, share in kept.items() if share >= COVERAGE] or [nlist])
+    assert summary["candidate_nprobe"] == expected
+    assert summary["candidate_coverage"] == pytest.approx(kept[expected])
+    assert kept[1] < COVERAGE  # one list loses some: the choice was not trivial
+
+
+def test_known_distances_reuses_what_it_has_and_marks_the_rest() -> None:
+    from mnist_ann.evaluation.tune import known_distances
+
+    known_rows = np.array([[7, 3, 9], [1, 2, 4]])
+    known_scores = np.array([[0.7, 0.3, 0.9], [0.1, 0.2, 0.4]])
+    out = known_distances(np.array([[3, 8, 7], [4, -1, 5]]), known_rows, known_scores)
+    np.testing.assert_array_equal(out, [[0.3, np.nan, 0.7], [0.4, np.inf, np.nan]])
+
+
 def test_tune_refuses_a_budget_nothing_meets_and_the_wrong_target(idm_collection) -> None:
     from helpers import assert_clean_error
 

@@ -192,8 +192,9 @@ def deskew_pca_ivf_recipe(n_train: int, dimension: int) -> Recipe:
 
 def deskew_idm_recipe(n_train: int, dimension: int) -> Recipe:
     """deskew-pca-ivf's candidates re-ranked by the image distortion model (idm.py): the
-    pool of nearest re-ranked and the gate that answers unanimous queries directly are
-    chosen by `tune --budget` on held-out training rows, never on a test set."""
+    lists searched for candidates, the pool of nearest re-ranked and the gate that answers
+    unanimous queries directly are chosen by `tune --budget` on held-out training rows,
+    never on a test set."""
     _needs_images("deskew-idm", dimension)
     nlist = fitted_nlist(n_train)
     return Recipe("deskew-idm", f"{DESKEW_PCA},IVF{nlist},Flat", {"nlist": nlist},
@@ -224,7 +225,7 @@ def deskew_pca_pq_recipe(n_train: int, dimension: int) -> Recipe:
 
 
 # what `tune --budget 15 --held-out 5000` chooses on the seed split's training rows
-IDM_DEFAULTS = {"nprobe": 16, "pool": 100, "gate": 7, "k": 1}
+IDM_DEFAULTS = {"nprobe": 128, "pool": 100, "gate": 7, "k": 5}
 CANDIDATES_GRID = [16, 24, 32, 48, 64]
 
 
