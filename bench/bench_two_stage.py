@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from importlib import metadata
 
 import hnswlib
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--index", default="pca-hnsw", help="the two-stage index")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--single", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="interleaved rounds of the tuned setting against hnswlib")
     args = parser.parse_args()
     collection = Store(args.store)[args.collection]
     train, test = collection.train(), collection.test()
@@ -181,6 +184,29 @@ def run_systems(collection, args, truth) -> None:
               f"{tuned['recall']:.4f}, {tuned['qps']:,.0f} q/s batch = "
               f"{tuned['qps'] / peer_row[1]:.2f}x hnswlib's smallest ef reaching 0.999 "
               f"({format_params(peer_row[0]['params'])}, {peer_row[1]:,.0f} q/s)")
+        peer.set_ef(peer_row[0]["params"]["ef"])
+        interleaved({"hnswlib": lambda: peer.knn_query(queries_float, k=K, num_threads=1),
+                     args.index: lambda: two_stage.search(queries, K, default)},
+                    len(queries), args.rounds)
+
+
+def interleaved(runs: dict, n: int, rounds: int) -> None:
+    """Time each run once per round, alternating, and print the median queries/s of each and
+    the median of the per-round ratios (the last run over the first)."""
+    for run in runs.values():
+        run()  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    (base, base_times), *_, (ours, our_times) = seconds.items()
+    ratios = [b / o for b, o in zip(base_times, our_times, strict=True)]
+    print(f"interleaved, {rounds} rounds: " + ", ".join(
+        f"{name} {n / statistics.median(times):,.0f} q/s" for name, times in seconds.items())
+        + f"; {ours} / {base} = {statistics.median(ratios):.2f}x (median of the rounds' "
+        f"ratios; range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def pca_hnsw_recipe(n_train: int, dimension: int) -> Recipe:
     _needs_features("pca-hnsw", dimension, 64)
     return Recipe("pca-hnsw", "PCA64,HNSW32", {"M": 32, "efConstruction": 200},
                   {"efSearch": 32, CANDIDATES: 32},
-                  {"efSearch": [16, 24, 32, 48, 64, 96], CANDIDATES: CANDIDATES_GRID},
+                  {"efSearch": [16, 24, 32, 48, 64, 80, 96], CANDIDATES: CANDIDATES_GRID},
                   focus_grid={"efSearch": [24, 48, 96], CANDIDATES: [32, 64]})
 
 
