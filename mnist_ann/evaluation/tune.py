@@ -347,30 +347,29 @@ def record(collection: Collection, name: str, params: dict, tuned: dict, log: Lo
 COVERAGE = 0.999
 
 
-def rerank_pool(searcher, queries: np.ndarray, held: HeldOut, pool: int, params: dict,
+def pool_rows(searcher, queries: np.ndarray, held: HeldOut, pool: int,
+              params: dict) -> np.ndarray:
+    """The held-out rows' `pool` nearest candidates (leave-one-out) under `params`."""
+    searched = pool + held.copies
+    found = searcher.base.search(queries, searched, {**params, "candidates": searched})
+    return held.drop(found, pool).rows
+
+
+def pool_scores(searcher, queries: np.ndarray, rows: np.ndarray,
                 known: tuple[np.ndarray, np.ndarray] | None, progress: Progress,
-                label: str) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out rows' `pool` nearest candidates (leave-one-out) under `params`, and
-    their re-rank distances; those already in `known` (rows, distances) are not compared
-    again."""
-    n = len(queries)
-    rows = np.empty((n, pool), np.int64)
-    scores = np.empty((n, pool))
-    with progress(label, n) as bar:
-        for chunk in np.array_split(np.arange(n), max(1, n // 100)):
-            searched = pool + held.copies
-            found = searcher.base.search(queries[chunk], searched,
-                                         {**params, "candidates": searched})
-            rows[chunk] = held.drop(found, pool, chunk).rows
-            todo = rows[chunk]
-            if known is not None:
-                reused = known_distances(rows[chunk], known[0][chunk], known[1][chunk])
-                todo = np.where(np.isnan(reused), todo, -1)
+                label: str) -> np.ndarray:
+    """The re-rank distances of each held-out row to its candidate `rows`; those already in
+    `known` (rows, distances) are not compared again."""
+    scores = np.empty(rows.shape)
+    with progress(label, len(rows)) as bar:
+        for chunk in np.array_split(np.arange(len(rows)), max(1, len(rows) // 100)):
+            reused = (np.full(rows[chunk].shape, np.nan) if known is None else
+                      known_distances(rows[chunk], known[0][chunk], known[1][chunk]))
+            todo = np.where(np.isnan(reused), rows[chunk], -1)
             fresh = searcher.pool_distances(queries[chunk], todo)
-            scores[chunk] = fresh if known is None else np.where(np.isnan(reused), fresh,
-                                                                 reused)
+            scores[chunk] = np.where(np.isnan(reused), fresh, reused)
             bar.update(len(chunk))
-    return rows, scores
+    return scores
 
 
 def known_distances(rows: np.ndarray, known_rows: np.ndarray,
@@ -388,25 +387,25 @@ def known_distances(rows: np.ndarray, known_rows: np.ndarray,
 
 
 def candidate_nprobe(searcher, queries: np.ndarray, held: HeldOut, rows: np.ndarray,
-                     scores: np.ndarray, params: dict, nlist: int, log: Log) -> tuple[int, float]:
+                     scores: np.ndarray, params: dict, nlist: int,
+                     log: Log) -> tuple[int, float, np.ndarray]:
     """The fewest lists whose candidates hold each held-out row's re-rank nearest (of
-    every list's pool `rows`, `scores`) for at least COVERAGE of the rows."""
+    every list's pool `rows`, `scores`) for at least COVERAGE of the rows, the share they
+    hold, and their candidates."""
     from mnist_ann.index.recipes import nprobe_grid
 
     nearest = rows[np.arange(len(rows)), np.lexsort((rows, scores), axis=-1)[:, 0]]
     pool = rows.shape[1]
     tried = []
     for nprobe in nprobe_grid(nlist):
-        searched = pool + held.copies
-        found = held.drop(searcher.base.search(queries, searched, {
-            **params, "nprobe": nprobe, "candidates": searched}), pool)
-        kept = float(np.mean((found.rows == nearest[:, None]).any(axis=1)))
+        found = pool_rows(searcher, queries, held, pool, {**params, "nprobe": nprobe})
+        kept = float(np.mean((found == nearest[:, None]).any(axis=1)))
         tried.append(f"{nprobe}: {kept:.2%}")
         if kept >= COVERAGE:
             break
     log(f"candidates: nprobe {nprobe} keeps the re-rank's nearest of every list's {pool} "
         f"for {kept:.2%} of the held-out rows (wanted: {COVERAGE:.1%}; {', '.join(tried)})")
-    return nprobe, kept
+    return nprobe, kept, found
 
 
 def tune_reranked(collection: Collection, name: str, target: Target, *,
@@ -442,19 +441,19 @@ def tune_reranked(collection: Collection, name: str, target: Target, *,
         f"(leave-one-out), and their {searcher.stats_name.upper()} distances "
         f"({held_out * largest:,} comparisons on {threads} thread(s)"
         + (", then those of the candidates the chosen nprobe adds)" if ivf else ")"))
-    coverage = None
+    candidates = coverage = known = None
     with faiss_threads(threads):
         if ivf:
-            exhaustive = {**base_params, "nprobe": int(nlist)}
-            rows, scores = rerank_pool(searcher, queries, held, largest, exhaustive, None,
-                                       progress, f"re-ranking every list's nearest for {name}")
-            base_params["nprobe"], coverage = candidate_nprobe(
-                searcher, queries, held, rows, scores, base_params, int(nlist), log)
-            rows, scores = rerank_pool(searcher, queries, held, largest, base_params,
-                                       (rows, scores), progress, f"re-ranking for {name}")
+            every = pool_rows(searcher, queries, held, largest,
+                              {**base_params, "nprobe": int(nlist)})
+            known = every, pool_scores(searcher, queries, every, None, progress,
+                                       f"re-ranking every list's nearest for {name}")
+            candidates, coverage, rows = candidate_nprobe(
+                searcher, queries, held, *known, base_params, int(nlist), log)
+            base_params["nprobe"] = candidates
         else:
-            rows, scores = rerank_pool(searcher, queries, held, largest, base_params, None,
-                                       progress, f"re-ranking for {name}")
+            rows = pool_rows(searcher, queries, held, largest, base_params)
+        scores = pool_scores(searcher, queries, rows, known, progress, f"re-ranking for {name}")
     voter = Classifier(searcher, train.labels, k=1)
     labels = np.where(rows >= 0, train.labels[np.maximum(rows, 0)], -1)
     full_order = np.lexsort((rows, scores), axis=-1)
@@ -502,7 +501,7 @@ def tune_reranked(collection: Collection, name: str, target: Target, *,
         f"{target.value:g} comparisons a query (within one held-out error); recorded as its "
         "search default")
     return {"index": name, "target": target.describe(), "held_out": held_out, "chosen": chosen,
-            "candidate_nprobe": base_params.get("nprobe") if coverage is not None else None,
+            "candidate_nprobe": candidates,
             "candidate_coverage": coverage,
             "measured": measured, "best_unbounded_accuracy": max(r["accuracy"] for r in measured),
             "columns": ["params", "accuracy", "recall", "gated", "comparisons",
