@@ -11,12 +11,12 @@ comparison and the median ratio of the rounds.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from mnist_ann import Store
 from mnist_ann.data.pipeline import deskew
+from mnist_ann.evaluation.timing import time_interleaved
 from mnist_ann.index.idm import WARP, _idm_numpy, fast_kernel, gradient_features, idm_distances
 
 COMPARISONS = 300
@@ -36,13 +36,10 @@ def main() -> None:
     rows = np.arange(COMPARISONS)
     numpy_scores = _idm_numpy(query, train, WARP)
     np.testing.assert_allclose(idm_distances(query, train, rows), numpy_scores, rtol=1e-5)
-    times = {"numpy": [], "numba": []}
-    for _ in range(args.rounds):
-        for name, run in (("numpy", lambda: _idm_numpy(query, train, WARP)),
-                          ("numba", lambda: idm_distances(query, train, rows))):
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) / COMPARISONS * 1e6)
+    _, seconds = time_interleaved({"numpy": lambda: _idm_numpy(query, train, WARP),
+                                   "numba": lambda: idm_distances(query, train, rows)},
+                                  args.rounds)
+    times = {name: [t / COMPARISONS * 1e6 for t in values] for name, values in seconds.items()}
     ratio = np.median(np.array(times["numpy"]) / np.array(times["numba"]))
     print(f"IDM, {COMPARISONS} comparisons of one '{args.collection}' test digit, 1 thread, "
           f"median of {args.rounds} interleaved rounds")

@@ -18,10 +18,10 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from mnist_ann import Store
+from mnist_ann.evaluation.timing import time_interleaved
 from mnist_ann.machine import describe_machine
 from mnist_ann.model import export_model
 from mnist_ann.store.collection import resident_bytes
@@ -42,15 +42,11 @@ def main() -> None:
     n_train = len(collection.train())
     names = [name for name in INDEXES if name in collection.indexes]
     classifiers = {name: collection.classifier(name, threads=1) for name in names}
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    results = {}
     for classifier in classifiers.values():
         classifier.classify(test.pixels[:500])  # warm-up
-    for _ in range(args.repeats):
-        for name, classifier in classifiers.items():
-            started = time.perf_counter()
-            results[name] = classifier.classify(test.pixels)
-            seconds[name].append(time.perf_counter() - started)
+    results, seconds = time_interleaved(
+        {name: lambda c=classifier: c.classify(test.pixels)
+         for name, classifier in classifiers.items()}, args.repeats)
     print(f"# python bench/bench_small.py --collection {args.collection} --repeats "
           f"{args.repeats}")
     print(f"# machine: {json.dumps(describe_machine())}")

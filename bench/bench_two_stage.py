@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from importlib import metadata
 
 import hnswlib
@@ -30,7 +29,7 @@ import numpy as np
 from mnist_ann import Store
 from mnist_ann.evaluation.metrics import recall
 from mnist_ann.evaluation.sweep import format_params
-from mnist_ann.evaluation.timing import time_batch, time_single_queries
+from mnist_ann.evaluation.timing import time_batch, time_interleaved, time_single_queries
 from mnist_ann.evaluation.truth import ground_truth
 from mnist_ann.index.build import build_indexes
 from mnist_ann.index.neighbours import order_exactly
@@ -196,16 +195,11 @@ def run_systems(collection, args, truth) -> None:
 
 
 def interleaved(runs: dict, n: int, rounds: int) -> None:
-    """Time each run once per round, alternating, and print the median queries/s of each and
-    the median of the per-round ratios (the last run over the first)."""
+    """Time the runs in interleaved rounds and print the median queries/s of each and the
+    median of the per-round ratios (the last run over the first)."""
     for run in runs.values():
         run()  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - started)
+    _, seconds = time_interleaved(runs, rounds)
     (base, base_times), *_, (ours, our_times) = seconds.items()
     ratios = [b / o for b, o in zip(base_times, our_times, strict=True)]
     print(f"interleaved, {rounds} rounds: " + ", ".join(

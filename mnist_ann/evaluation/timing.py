@@ -2,13 +2,14 @@
 
 Batches run after a warm-up, repeated, each run's wall time kept (the caller takes the
 median); single queries run one at a time after a short warm-up. Both stop early once a time
-budget is spent, so that slow settings do not take a whole run's time.
+budget is spent, so that slow settings do not take a whole run's time. Side-by-side benches
+interleave their runs round by round, so that a changing load falls on all of them alike.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -33,6 +34,20 @@ def time_batch(run: Callable[[], object], warm_up: Callable[[], object] | None, 
         result = run()
         times.append(time.perf_counter() - started)
     return result, times
+
+
+def time_interleaved(runs: Mapping[str, Callable[[], object]],
+                     rounds: int) -> tuple[dict[str, object], dict[str, list[float]]]:
+    """Each run's last result and its wall times over `rounds` rounds, every run once a
+    round, in turn (warm-ups are the caller's)."""
+    results: dict[str, object] = {}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            results[name] = run()
+            seconds[name].append(time.perf_counter() - started)
+    return results, seconds
 
 
 def time_single_queries(run_one: Callable[[np.ndarray], object], queries: np.ndarray,
