@@ -15,6 +15,7 @@ from mnist_ann.classify import Classifier
 from mnist_ann.index import certified
 from mnist_ann.index.build import build_in_memory
 from mnist_ann.index.factory import make_searcher
+from mnist_ann.index.locality import LOCALITY_BATCH, QueryOrder
 from mnist_ann.index.neighbours import Neighbours, check_k, order_exactly
 from mnist_ann.index.recipes import resolve_recipe
 from mnist_ann.index.searchers import ExhaustiveSearcher, RerankSearcher
@@ -264,3 +265,39 @@ def test_sq8_direct_over_more_than_bytes_is_only_a_candidate_stage() -> None:
     found = searcher.search(train[:20], 3)
     exact = ((train[found.rows] - train[:20, None, :]) ** 2).sum(-1)
     np.testing.assert_array_equal(found.distances, exact)  # re-ranked in integers
+
+
+# --- the locality order of a large batch -----------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["hnsw", "ivf", "pca-hnsw"])
+def test_a_large_batch_searched_in_locality_order_answers_in_the_order_asked(
+        digits, recipe: str) -> None:
+    train, _, queries = digits
+    assert len(queries) >= LOCALITY_BATCH
+    searcher = searcher_for(recipe, train)
+    assert searcher.query_order is not None
+    found = searcher.search(queries, 7)
+    one_by_one = [searcher.search(queries[i:i + 1], 7) for i in range(len(queries))]
+    np.testing.assert_array_equal(found.rows, np.concatenate([n.rows for n in one_by_one]))
+    np.testing.assert_array_equal(found.distances,
+                                  np.concatenate([n.distances for n in one_by_one]))
+    true_distances, _ = exact_knn(train, queries, 7)
+    assert np.mean(found.distances <= true_distances[:, -1:]) >= 0.95
+
+
+def test_query_order_groups_a_batch_by_nearest_landmark(digits) -> None:
+    train, _, queries = digits
+    query_order = searcher_for("hnsw", train).query_order
+    order = query_order.order(queries.astype(np.float32))
+    assert sorted(order.tolist()) == list(range(len(queries)))
+    _, nearest = query_order.landmarks.search(queries.astype(np.float32), 1)
+    assert np.all(np.diff(nearest[order, 0]) >= 0)
+    assert len(np.unique(nearest)) > 1  # the order is not the identity by accident
+    assert not np.array_equal(order, np.arange(len(queries)))
+    assert query_order.order(queries[:LOCALITY_BATCH - 1].astype(np.float32)) is None
+
+
+@pytest.mark.parametrize("recipe", ["flat", "bytes=SQ8_direct"])
+def test_exhaustive_indexes_keep_the_order_asked(digits, recipe: str) -> None:
+    train, _, _ = digits
+    assert QueryOrder.of_index(searcher_for(recipe, train).index) is None

@@ -30,6 +30,11 @@ class Neighbours:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def take(self, positions: np.ndarray) -> Neighbours:
+        """The neighbours of the queries at `positions`, in that order (the pool likewise)."""
+        return Neighbours(self.rows[positions], self.distances[positions], self.stats,
+                          None if self.pool is None else self.pool.take(positions))
+
 
 def order_exactly(rows: np.ndarray, distances: np.ndarray, k: int) -> Neighbours:
     """The k best candidates of each query by (distance, training row)."""

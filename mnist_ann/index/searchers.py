@@ -10,6 +10,9 @@ ranking space, row). They differ in how they find the candidates:
   answer is exact;
 - `CertifiedSearcher` (certified.py): PCA lower bounds prune, exact distances verify.
 
+A large batch is searched in `locality.QueryOrder` (near queries one after another, for the
+CPU caches), its results given back in the order asked.
+
 Searchers hold no per-call state: one searcher may be shared by many threads. FAISS search
 parameters go to FAISS per call (params.py), never set on the shared index.
 """
@@ -30,6 +33,7 @@ from mnist_ann.index.layers import (
     stores_bytes,
     transforms_of,
 )
+from mnist_ann.index.locality import QueryOrder
 from mnist_ann.index.neighbours import Neighbours, check_k, order_exactly
 from mnist_ann.index.params import check_search_parameters, make_search_parameters
 from mnist_ann.index.recipes import CANDIDATES, Recipe
@@ -85,6 +89,7 @@ class FaissSearcher:
         stored = flat_vectors(index)
         if stored is not None and space.integer:
             space.adopt_float32(stored, self.owner)  # no second float32 copy of the pixels
+        self.query_order = QueryOrder.of_index(index)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, space={self.space.description!r})"
@@ -124,7 +129,12 @@ class FaissSearcher:
         """The k nearest training rows of each query, exactly ranked in the space."""
         checked, faiss_params = self._prepare(params)
         k = check_k(k, self.ntotal)
-        return self._search(self.space.embed(queries), k, checked, faiss_params)
+        features = self.space.embed(queries)
+        order = self.query_order.order(features) if self.query_order else None
+        if order is None:
+            return self._search(features, k, checked, faiss_params)
+        found = self._search(features[order], k, checked, faiss_params)
+        return found.take(np.argsort(order))
 
     def _search(self, features: np.ndarray, k: int, checked: dict,
                 faiss_params: faiss.SearchParameters | None) -> Neighbours:
