@@ -103,6 +103,15 @@ def test_exact_pca_equals_flat_on_every_seed_query(seed_collection: Collection,
         np.testing.assert_array_equal(ours.predictions, flat.predictions)
         assert ours.stats["verified_median"] < 1000  # it pruned: 56,000 rows, a few verified
     assert np.mean(flat.predictions == seed_collection.test().labels) == 0.9687142857142857
+    # one query at a time (the point path): the queries farthest from their neighbours, for
+    # which the first axes prune least (they take the scans over every row), and others
+    searcher = seed_collection.searcher("exact-pca")
+    hardest = np.argsort(flat.neighbours.distances[:, -1])[-100:]
+    chosen = np.concatenate([hardest, np.arange(0, len(queries), 140)])
+    for i in chosen:
+        one = searcher.search(queries[i:i + 1], 7)
+        np.testing.assert_array_equal(one.rows[0], flat.neighbours.rows[i])
+        np.testing.assert_array_equal(one.distances[0], flat.neighbours.distances[i])
 
 
 def test_deskew_pca_beats_raw_pixels_through_an_approximate_index(

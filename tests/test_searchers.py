@@ -301,3 +301,25 @@ def test_query_order_groups_a_batch_by_nearest_landmark(digits) -> None:
 def test_exhaustive_indexes_keep_the_order_asked(digits, recipe: str) -> None:
     train, _, _ = digits
     assert QueryOrder.of_index(searcher_for(recipe, train).index) is None
+
+
+@given(arrays(np.float32, st.integers(1, 3000),
+              elements=st.floats(0, 100, width=32) | st.sampled_from([1.0, 2.0])),
+       st.integers(1, 400))
+@settings(max_examples=60, deadline=None)
+def test_nearest_rows_are_the_smallest_values(values: np.ndarray, count: int) -> None:
+    chosen = certified.nearest_rows(values, count)
+    assert len(np.unique(chosen)) == len(chosen) == min(count, len(values))
+    if count < len(values):
+        assert values[chosen].max() <= np.partition(values, count - 1)[count - 1]
+
+
+def test_distances_to_all_rows_add_the_chunks_of_axes(digits) -> None:
+    train, _, queries = digits
+    vectors = train[:, :20].astype(np.float32)
+    chunks = [np.ascontiguousarray(vectors[:, a:b])
+              for a, b in certified.axis_chunks(0, vectors.shape[1])]
+    assert [c.shape[1] for c in chunks] == [8, 8, 4]
+    query = queries[0, :20].astype(np.float32)
+    expected = ((vectors.astype(np.float64) - query) ** 2).sum(1)
+    np.testing.assert_allclose(certified._distances_to_all(query, chunks), expected, rtol=1e-6)
