@@ -397,7 +397,10 @@ def _distances_to_all(query: np.ndarray, chunks: Sequence[np.ndarray]) -> np.nda
     start = 0
     for vectors in chunks:
         stop = start + vectors.shape[1]
-        faiss.fvec_L2sqr_ny(faiss.swig_ptr(part), faiss.swig_ptr(query[start:stop].copy()),
+        # a named copy: swig_ptr holds no reference, and a freed temporary may be reused
+        # by another thread before FAISS reads it
+        axes = query[start:stop].copy()
+        faiss.fvec_L2sqr_ny(faiss.swig_ptr(part), faiss.swig_ptr(axes),
                             faiss.swig_ptr(vectors), stop - start, len(vectors))
         total += part
         start = stop
