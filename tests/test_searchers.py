@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mnist_ann.classify import Classifier
-from mnist_ann.index import certified
+from mnist_ann.index import certified, locality
 from mnist_ann.index.build import build_in_memory
 from mnist_ann.index.factory import make_searcher
 from mnist_ann.index.locality import LOCALITY_BATCH, QueryOrder
@@ -285,10 +285,12 @@ def test_a_large_batch_searched_in_locality_order_answers_in_the_order_asked(
     assert np.mean(found.distances <= true_distances[:, -1:]) >= 0.95
 
 
-def test_query_order_groups_a_batch_by_nearest_landmark(digits) -> None:
+def test_query_order_groups_a_batch_by_nearest_landmark(digits, monkeypatch) -> None:
     train, _, queries = digits
     query_order = searcher_for("hnsw", train).query_order
     order = query_order.order(queries.astype(np.float32))
+    monkeypatch.setattr(locality, "ORDER_CHUNK", 128)  # landmarks found chunk by chunk
+    np.testing.assert_array_equal(query_order.order(queries.astype(np.float32)), order)
     assert sorted(order.tolist()) == list(range(len(queries)))
     _, nearest = query_order.landmarks.search(queries.astype(np.float32), 1)
     assert np.all(np.diff(nearest[order, 0]) >= 0)

@@ -18,6 +18,7 @@ from mnist_ann.index.layers import index_layers, transforms_of
 LANDMARKS = 64
 # smaller batches keep their order: too few queries share a region to gain from it
 LOCALITY_BATCH = 256
+ORDER_CHUNK = 4096  # queries given their landmark at once
 
 
 class QueryOrder:
@@ -52,8 +53,10 @@ class QueryOrder:
         """Positions of the batch in search order, or None to keep it as it is."""
         if len(features) < LOCALITY_BATCH:
             return None
-        vectors = np.ascontiguousarray(features, dtype=np.float32)
-        for transform in self.transforms:
-            vectors = transform.apply(vectors)
-        _, nearest = self.landmarks.search(vectors, 1)
-        return np.argsort(nearest[:, 0], kind="stable")
+        nearest = np.empty(len(features), np.int64)
+        for start in range(0, len(features), ORDER_CHUNK):  # float32 copies of a chunk only
+            vectors = np.ascontiguousarray(features[start:start + ORDER_CHUNK], np.float32)
+            for transform in self.transforms:
+                vectors = transform.apply(vectors)
+            nearest[start:start + ORDER_CHUNK] = self.landmarks.search(vectors, 1)[1][:, 0]
+        return np.argsort(nearest, kind="stable")
