@@ -15,6 +15,7 @@ from mnist_ann.classify import Classifier
 from mnist_ann.index import certified, locality
 from mnist_ann.index.build import build_in_memory
 from mnist_ann.index.factory import make_searcher
+from mnist_ann.index.layers import index_layers
 from mnist_ann.index.locality import LOCALITY_BATCH, QueryOrder
 from mnist_ann.index.neighbours import Neighbours, check_k, order_exactly
 from mnist_ann.index.recipes import resolve_recipe
@@ -325,3 +326,17 @@ def test_distances_to_all_rows_add_the_chunks_of_axes(digits) -> None:
     query = queries[0, :20].astype(np.float32)
     expected = ((vectors.astype(np.float64) - query) ** 2).sum(1)
     np.testing.assert_allclose(certified._distances_to_all(query, chunks), expected, rtol=1e-6)
+
+
+def test_an_index_that_cannot_give_its_vectors_back_keeps_the_order(digits,
+                                                                     monkeypatch) -> None:
+    train, _, _ = digits
+    layers = index_layers(searcher_for("hnsw", train).index)
+
+    class Opaque:
+        def reconstruct(self, node: int) -> np.ndarray:
+            raise RuntimeError("reconstruct not implemented for this type of index")
+
+    monkeypatch.setattr(locality, "index_layers", lambda index: layers)
+    monkeypatch.setattr(locality.faiss, "downcast_index", lambda index: Opaque())
+    assert QueryOrder.of_index(layers[0]) is None
