@@ -241,7 +241,7 @@ def whole_set_check(collection: Collection, name: str, reference: Reference,
         found = searcher.search(queries, k)
     distances = comparable_distances(searcher, collection.indexes[name], queries, found,
                                      settings.threads)
-    pool = Neighbours(reference.truth.rows[sample], reference.truth.distances[sample])
+    pool = reference.truth.take(sample)
     return {"index": name, "queries": count, "k": k,
             "recall_default": recall(distances, whole.distances, k),
             "recall_pool": recall(pool.distances, whole.distances, k),

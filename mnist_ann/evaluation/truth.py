@@ -44,7 +44,7 @@ def ground_truth(collection: Collection, index_name: str, k: int, threads: int |
     filename = truth_file(exact.space.key, k)
     if filename in collection.manifest["files"]:
         truth = _from_bytes(collection.read_verified(filename), filename)
-        return truth if rows is None else Neighbours(truth.rows[rows], truth.distances[rows])
+        return truth if rows is None else truth.take(rows)
     if rows is not None:
         log(f"computing exact ground truth (k={k}) of {len(rows):,} sampled test queries in "
             f"the {exact.space.description} space")

@@ -31,7 +31,8 @@ class Neighbours:
         return len(self.rows)
 
     def take(self, positions: np.ndarray) -> Neighbours:
-        """The neighbours of the queries at `positions`, in that order (the pool likewise)."""
+        """The neighbours of the queries at `positions` (an index array or a slice), in that
+        order (the pool likewise)."""
         return Neighbours(self.rows[positions], self.distances[positions], self.stats,
                           None if self.pool is None else self.pool.take(positions))
 

@@ -122,7 +122,7 @@ class GatheredSearch:
         start = 0
         for pixels, _, _, done in items:
             end = start + len(pixels)
-            done.set_result(Neighbours(found.rows[start:end], found.distances[start:end]))
+            done.set_result(found.take(slice(start, end)))
             start = end
 
 
