@@ -519,7 +519,8 @@ class ByteSize(click.ParamType):
 @k_option
 @click.option("--held-out", type=click.IntRange(min=10), default=None,
               help="Training rows held out and searched (the test set is never read); "
-                   "default 5,000, or a tenth of a smaller training set.")
+                   "default 5,000, or a tenth of a smaller training set (a re-ranked "
+                   "index, tuned leave-one-out: 20,000, or a third).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the held-out sample.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,

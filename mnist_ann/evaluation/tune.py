@@ -72,11 +72,17 @@ def lower_bound(per_query: np.ndarray, z: float = CONFIDENCE_Z) -> float:
 
 
 HELD_OUT = 5000
+# A re-ranked index is scored leave-one-out in the full index (no copy is built), and the
+# settings it chooses among lie within a few tenths of a point: at 5,000 rows a setting's
+# held-out accuracy has a standard error of 0.12 points, at 20,000 of 0.06 (its tune takes
+# about 3 minutes on 2 threads for the seed split).
+RERANKED_HELD_OUT = 20_000
 
 
-def default_held_out(n_train: int) -> int:
-    """How many training rows tune holds out unless told: 5,000, or a tenth of fewer."""
-    return max(1, min(HELD_OUT, n_train // 10))
+def default_held_out(n_train: int, size: int = HELD_OUT, fraction: int = 10) -> int:
+    """How many training rows tune holds out unless told: `size`, or a `fraction`-th of a
+    smaller training set."""
+    return max(1, min(size, n_train // fraction))
 
 
 def held_out_rows(n_train: int, size: int, seed: int) -> np.ndarray:
@@ -429,7 +435,7 @@ def tune_reranked(collection: Collection, name: str, target: Target, *,
     grid = searcher.tuning_grid
     train = collection.train()
     if held_out is None:
-        held_out = default_held_out(len(train))
+        held_out = default_held_out(len(train), RERANKED_HELD_OUT, 3)
     held = HeldOut.draw(train, held_out, seed)
     queries, truth_labels = train.pixels[held.rows], train.labels[held.rows]
     largest = max(grid["pool"])
