@@ -1,7 +1,7 @@
 """Which confidence lets deskew-idm reject its errors: scored on held-out *training* rows
 (leave-one-out, never the test set), with the recipe's gate as the searcher applies it.
 
-    python bench/confidence_idm.py [--store indexes] [--collection seed] [--held-out 5000]
+    python bench/confidence_idm.py [--store indexes] [--collection seed] [--held-out 20000]
 
 For each held-out row: the 7 neighbours deskew-idm returns (the candidate stage's own for a
 gated query, IDM's for the others), the prediction of its k=1, and three confidences: the
@@ -14,7 +14,9 @@ candidate of the predicted label and the first of another: 2 comparisons), the f
 each label (a few comparisons), and the one the classifier now uses (`pool_confidence`): the
 predicted label's share of the IDM-ranked pool's 7 nearest times the IDM margin. Prints the
 area under each risk-coverage curve, the most coverage at an accepted error of 0.1% and 0.2%,
-and for `pool_confidence` the threshold reaching 0.2% here (for `query --reject-below`).
+and for `pool_confidence` the threshold reaching 0.2% here and the one whose error's 99%
+upper confidence bound (Wilson) reaches it: the one to pass to `query --reject-below`, since
+a threshold that just reaches 0.2% on these rows lands on either side of it on others.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from mnist_ann import Store
 from mnist_ann.classify import pool_confidence
 from mnist_ann.evaluation.metrics import fewest_rejections, risk_coverage
-from mnist_ann.evaluation.tune import HeldOut
+from mnist_ann.evaluation.tune import CONFIDENCE, CONFIDENCE_Z, HeldOut
 from mnist_ann.index.neighbours import Neighbours
 from mnist_ann.runtime import faiss_threads
 
@@ -43,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=None)
     parser.add_argument("--collection", default="seed")
-    parser.add_argument("--held-out", type=int, default=5000)
+    parser.add_argument("--held-out", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -131,6 +133,11 @@ def main() -> None:
           f"{shown_at[0]:<25} {shown_at[1]}   (ungated accuracy {np.mean(ungated == truth):.4f})")
     if at[1]:
         print(f"pool_confidence: error ≤ 0.2% here from threshold {at[1]['reject_below']:.4f}")
+    bounded = fewest_rejections(chosen, ungated, truth, 0.002, CONFIDENCE_Z)
+    if bounded:
+        print(f"pool_confidence: the error's {CONFIDENCE:.0%} upper bound ≤ 0.2% from threshold "
+              f"{bounded['reject_below']:.4f} (coverage {bounded['coverage']:.4f}, error "
+              f"{bounded['accepted_error']:.4%} here)")
     wrong = ~correct
     print(f"errors with all {SHOWN} shown neighbours agreeing (confidence 1 by any of these): "
           f"{int((wrong & (share == 1)).sum())} of {int(wrong.sum())}")

@@ -371,6 +371,29 @@ def test_risk_coverage_and_the_fewest_rejections() -> None:
     assert always_wrong is None
 
 
+def test_a_bounded_error_keeps_fewer_queries_than_the_error_itself() -> None:
+    from mnist_ann.evaluation.metrics import error_upper_bound, fewest_rejections
+
+    z = 2.326
+    # Wilson's bound: z²/(n + z²) when no error is seen, the error itself when z = 0, and
+    # a measured error of p on n queries gives a bound above p that shrinks as n grows
+    assert error_upper_bound(np.array(0.0), np.array(100), z) == pytest.approx(
+        z * z / (100 + z * z))
+    assert error_upper_bound(np.array(0.05), np.array(100), 0.0) == 0.05
+    bounds = error_upper_bound(np.full(3, 0.01), np.array([100, 1_000, 100_000]), z)
+    assert (bounds > 0.01).all() and (np.diff(bounds) < 0).all()
+    rng = np.random.default_rng(4)
+    confidence = rng.random(20_000)
+    truth = np.zeros(20_000, np.int64)
+    predicted = np.where(rng.random(20_000) < 0.02 * (1 - confidence), 1, 0)  # unsure: wrong
+    plain = fewest_rejections(confidence, predicted, truth, 0.005)
+    bounded = fewest_rejections(confidence, predicted, truth, 0.005, z)
+    assert plain["accepted_error"] <= 0.005 and bounded["accepted_error"] <= 0.005
+    assert bounded["coverage"] < plain["coverage"]
+    n = bounded["accepted"]
+    assert error_upper_bound(np.array(bounded["accepted_error"]), np.array(n), z) <= 0.005
+
+
 def test_query_rejects_unsure_predictions(built: Collection, tmp_path: Path) -> None:
     import csv
 

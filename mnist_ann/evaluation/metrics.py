@@ -85,12 +85,27 @@ def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict:
             "error": errors / accepted}
 
 
+def error_upper_bound(error: np.ndarray, accepted: np.ndarray, z: float) -> np.ndarray:
+    """Wilson's one-sided upper confidence bound of an error rate measured on `accepted`
+    queries (z: the normal quantile; 0 gives the error itself). Unlike mean + z standard
+    errors it stays above 0 when no error was seen."""
+    error, n = np.asarray(error, np.float64), np.asarray(accepted, np.float64)
+    if z == 0:
+        return error
+    spread = z * np.sqrt(error * (1 - error) / n + z * z / (4 * n * n))
+    return (error + z * z / (2 * n) + spread) / (1 + z * z / n)
+
+
 def fewest_rejections(confidence: np.ndarray, predicted: np.ndarray, truth: np.ndarray,
-                      max_error: float) -> dict | None:
+                      max_error: float, z: float = 0.0) -> dict | None:
     """The rejection summary at the lowest threshold whose accepted error is at most
-    `max_error` (the most queries kept), or None if no threshold reaches it."""
+    `max_error` (the most queries kept), or None if no threshold reaches it. With z > 0 it
+    is the error's upper confidence bound that must be at most `max_error`, so that a
+    threshold chosen on one sample holds on another."""
     curve = risk_coverage(confidence, predicted == truth)
-    reaching = np.flatnonzero(curve["error"] <= max_error + 1e-12)
+    accepted = np.rint(curve["coverage"] * len(confidence))
+    bound = error_upper_bound(curve["error"], accepted, z)
+    reaching = np.flatnonzero(bound <= max_error + 1e-12)
     if not len(reaching):
         return None
     return rejection(confidence, predicted, truth, float(curve["threshold"][reaching[-1]]))
