@@ -521,6 +521,10 @@ class ByteSize(click.ParamType):
               help="Training rows held out and searched (the test set is never read); "
                    "default 5,000, or a tenth of a smaller training set (a re-ranked "
                    "index, tuned leave-one-out: 20,000, or a third).")
+@click.option("--held-out-gap", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Re-ranked indexes: also leave out of a held-out row's neighbours every "
+                   "row within this many MNIST ids (runs by one writer), for a test set of "
+                   "other writers such as the standard split's; e.g. 500.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the held-out sample.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -532,7 +536,7 @@ class ByteSize(click.ParamType):
 @json_option
 def tune(collection_name: str, index_names: tuple[str, ...], recall_target: float | None,
          accuracy_within: float | None, budget: float | None, max_memory: int | None, k: int,
-         held_out: int | None,
+         held_out: int | None, held_out_gap: int,
          seed: int, repeats: int, threads: int, store: Path | None, quiet: bool,
          as_json: bool) -> None:
     """Record the fastest search setting that meets a target as the index's default (for a
@@ -551,13 +555,16 @@ def tune(collection_name: str, index_names: tuple[str, ...], recall_target: floa
     if target.kind != "memory" and len(index_names) != 1:
         raise click.UsageError("give the index to tune: --index NAME (several only with "
                                "--max-memory)")
+    if held_out_gap and target.kind != "budget":
+        raise click.UsageError("--held-out-gap is for a re-ranked index's --budget tune")
     collection = open_collection(store, collection_name)
     if target.kind == "memory":
         result = tune_memory(collection, max_memory, list(index_names), k, held_out, seed,
                              threads, repeats, stderr_log(quiet), progress_bars(quiet))
     else:
         result = tune_index(collection, index_names[0], target, k, held_out, seed, threads,
-                            repeats, stderr_log(quiet), progress_bars(quiet))
+                            repeats, stderr_log(quiet), progress_bars(quiet),
+                            gap=held_out_gap)
     index_name = result["index"]
     if as_json:
         emit(result, True)

@@ -200,9 +200,10 @@ def idm_collection(shared, tmp_path, use_store):
 
 
 def held_out_accuracy(collection, own_rows: np.ndarray, k: int, pool: int, gate: int,
-                      nprobe: int) -> tuple[float, float]:
+                      nprobe: int, gap: int = 0) -> tuple[float, float]:
     """The held-out accuracy and comparisons a query of one setting, query by query by the
-    gate's definition (the tune scores every setting at once, from arrays)."""
+    gate's definition (the tune scores every setting at once, from arrays); with `gap`,
+    leaving out every row within `gap` MNIST ids of the query's own."""
     train = collection.train()
     searcher = collection.searcher("deskew-idm")
     features = searcher.features
@@ -210,9 +211,10 @@ def held_out_accuracy(collection, own_rows: np.ndarray, k: int, pool: int, gate:
 
     correct = compared = 0
     for own in own_rows:
-        found = searcher.base.search(train.pixels[own:own + 1], pool + 1,
-                                     {"nprobe": nprobe, "candidates": pool + 1})
-        rows = found.rows[0][found.rows[0] != own][:pool]
+        found = searcher.base.search(train.pixels[own:own + 1], len(train), {"nprobe": nprobe})
+        everything = found.rows[0][found.rows[0] >= 0]
+        far = np.abs(train.ids[everything] - train.ids[own]) > gap
+        rows = everything[far & (everything != own)][:pool]
         first = train.labels[rows[:gate]]
         if (first == first[0]).all():
             chosen = rows[:k]
@@ -270,6 +272,42 @@ def test_tune_of_a_reranked_index_holds_out_a_larger_sample_by_default(idm_colle
                      "--json", "-q")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["held_out"] == 90 != tune.default_held_out(n_train)
+
+
+def test_a_held_out_gap_leaves_out_the_rows_near_in_mnist_order(idm_collection) -> None:
+    from mnist_ann.api import Collection
+    from mnist_ann.evaluation.tune import held_out_rows
+
+    result = run_cli("tune", "--collection", "small", "--index", "deskew-idm", "--budget",
+                     "40", "--held-out", "60", "--held-out-gap", "40", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    collection = Collection.open(idm_collection.root.parent, "small")
+    assert summary["held_out_gap"] == 40
+    assert collection.indexes["deskew-idm"]["tuned"]["held_out"]["gap"] == 40
+    own_rows = held_out_rows(len(collection.train()), 60, 0)
+    nprobe = collection.indexes["deskew-idm"]["search_defaults"]["nprobe"]
+    for row in [summary["chosen"], summary["measured"][0], summary["measured"][-1]]:
+        accuracy, comparisons = held_out_accuracy(collection, own_rows, **row["params"],
+                                                  nprobe=nprobe, gap=40)
+        assert accuracy == pytest.approx(row["accuracy"]) and comparisons == pytest.approx(
+            row["comparisons"]), row
+    # only a re-ranked index's budget tune leaves rows out this way
+    refused = run_cli("tune", "--collection", "small", "--index", "ivf", "--recall", "0.9",
+                      "--held-out-gap", "40")
+    assert refused.exit_code == 2 and "--held-out-gap" in refused.stderr
+
+
+def test_drop_near_ids_keeps_the_nearest_far_rows_in_order() -> None:
+    from mnist_ann.evaluation.tune import drop_near_ids
+    from mnist_ann.index.neighbours import Neighbours
+
+    sources = np.array([0, 1, 2, 3, 10, 11, 12, 20])  # each training row's MNIST id
+    found = Neighbours(np.array([[1, 4, 2, 7, 5], [6, 5, 3, -1, -1]]),
+                       np.array([[1.0, 2, 3, 4, 5], [1.0, 2, 3, np.inf, np.inf]]))
+    kept = drop_near_ids(found, np.array([2, 11]), sources, 1, 3)
+    np.testing.assert_array_equal(kept.rows, [[4, 7, 5], [3, -1, -1]])
+    np.testing.assert_array_equal(kept.distances, [[2, 4, 5], [3, np.inf, np.inf]])
 
 
 def test_tune_takes_the_fewest_lists_that_keep_the_idm_nearest(idm_collection) -> None:
