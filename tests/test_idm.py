@@ -298,6 +298,20 @@ def test_a_held_out_gap_leaves_out_the_rows_near_in_mnist_order(idm_collection) 
     assert refused.exit_code == 2 and "--held-out-gap" in refused.stderr
 
 
+def test_a_held_out_gap_never_searches_for_more_rows_than_there_are() -> None:
+    from mnist_ann.evaluation.tune import GAP_EXTRA, HeldOut
+
+    class Train:
+        ids = np.arange(150)
+
+        def __len__(self) -> int:
+            return 150
+
+    assert HeldOut.draw(Train(), 10, 0, gap=5).searched(100) == 150
+    assert HeldOut.draw(Train(), 10, 0, gap=5).searched(20) == 21 + GAP_EXTRA
+    assert HeldOut.draw(Train(), 10, 0).searched(100) == 101
+
+
 def test_drop_near_ids_keeps_the_nearest_far_rows_in_order() -> None:
     from mnist_ann.evaluation.tune import drop_near_ids
     from mnist_ann.index.neighbours import Neighbours

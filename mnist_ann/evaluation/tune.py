@@ -159,8 +159,10 @@ class HeldOut:
         return cls(rows, copies, sources, gap)
 
     def searched(self, k: int) -> int:
-        """How many neighbours to search for so that `drop` can keep k."""
-        return k + self.copies + (GAP_EXTRA * self.copies if self.gap else 0)
+        """How many neighbours to search for so that `drop` can keep k (at most every
+        training row)."""
+        wanted = k + self.copies + (GAP_EXTRA * self.copies if self.gap else 0)
+        return wanted if self.sources is None else min(wanted, len(self.sources))
 
     def drop(self, neighbours: Neighbours, k: int,
              part: np.ndarray | slice = slice(None)) -> Neighbours:
