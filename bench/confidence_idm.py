@@ -58,8 +58,8 @@ def main() -> None:
     queries, truth = train.pixels[held.rows], train.labels[held.rows]
     with faiss_threads(args.threads):
         found = held.drop(searcher.base.search(
-            queries, pool + held.copies, {"nprobe": settings["nprobe"],
-                                          "candidates": pool + held.copies}), pool)
+            queries, held.searched(pool), {"nprobe": settings["nprobe"],
+                                           "candidates": held.searched(pool)}), pool)
         scores = searcher.pool_distances(queries, found.rows)
     labels = train.labels[found.rows]
     gated = (labels[:, :gate] == labels[:, :1]).all(axis=1)

@@ -322,6 +322,10 @@ def test_drop_near_ids_keeps_the_nearest_far_rows_in_order() -> None:
     kept = drop_near_ids(found, np.array([2, 11]), sources, 1, 3)
     np.testing.assert_array_equal(kept.rows, [[4, 7, 5], [3, -1, -1]])
     np.testing.assert_array_equal(kept.distances, [[2, 4, 5], [3, np.inf, np.inf]])
+    exact = drop_near_ids(Neighbours(found.rows, np.array([[1, 2, 3, 4, 5], [1, 2, 3, 9, 9]])),
+                          np.array([2, 11]), sources, 1, 3)  # integer (pixel) distances
+    assert exact.distances.dtype.kind == "i"
+    assert exact.distances[1, 1] == np.iinfo(exact.distances.dtype).max
 
 
 def test_tune_takes_the_fewest_lists_that_keep_the_idm_nearest(idm_collection) -> None:

@@ -72,7 +72,8 @@ def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict:
     """The error on accepted queries at every threshold worth trying: each distinct
     confidence, from the highest (fewest accepted) to the lowest (all accepted).
 
-    Returns arrays `threshold`, `coverage` and `error` (accepting confidence ≥ threshold).
+    Returns arrays `threshold`, `accepted`, `coverage` and `error` (accepting confidence ≥
+    threshold).
     """
     confidence, correct = np.asarray(confidence), np.asarray(correct, dtype=bool)
     order = np.argsort(-confidence, kind="stable")
@@ -81,8 +82,8 @@ def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> dict:
     ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
     accepted = ends + 1
     errors = np.cumsum(~right)[ends]
-    return {"threshold": ranked[ends], "coverage": accepted / len(ranked),
-            "error": errors / accepted}
+    return {"threshold": ranked[ends], "accepted": accepted,
+            "coverage": accepted / len(ranked), "error": errors / accepted}
 
 
 def error_upper_bound(error: np.ndarray, accepted: np.ndarray, z: float) -> np.ndarray:
@@ -103,8 +104,7 @@ def fewest_rejections(confidence: np.ndarray, predicted: np.ndarray, truth: np.n
     is the error's upper confidence bound that must be at most `max_error`, so that a
     threshold chosen on one sample holds on another."""
     curve = risk_coverage(confidence, predicted == truth)
-    accepted = np.rint(curve["coverage"] * len(confidence))
-    bound = error_upper_bound(curve["error"], accepted, z)
+    bound = error_upper_bound(curve["error"], curve["accepted"], z)
     reaching = np.flatnonzero(bound <= max_error + 1e-12)
     if not len(reaching):
         return None

@@ -93,17 +93,14 @@ def held_out_rows(n_train: int, size: int, seed: int) -> np.ndarray:
 
 
 def drop_self(neighbours: Neighbours, own_rows: np.ndarray, k: int,
-              sources: np.ndarray | None = None) -> Neighbours:
+              sources: np.ndarray | None = None, gap: int = 0) -> Neighbours:
     """The k neighbours of each query other than its own training row (leave-one-out).
 
-    With `sources`, the MNIST id each training row was made from (an augmented collection):
-    every row made from the query's digit is dropped, its deformed copies included."""
+    With `sources`, the MNIST id each training row was made from: every row made from the
+    query's digit is dropped, its deformed copies included (an augmented collection), and
+    with `gap` every row within `gap` ids of it (`drop_near_ids`)."""
     if sources is not None:
-        rows = neighbours.rows
-        related = (rows >= 0) & (sources[np.maximum(rows, 0)] == sources[own_rows][:, None])
-        kept = np.argsort(related, axis=1, kind="stable")[:, :k]  # the others, in order
-        return Neighbours(np.take_along_axis(rows, kept, axis=1),
-                          np.take_along_axis(neighbours.distances, kept, axis=1))
+        return drop_near_ids(neighbours, sources[own_rows], sources, gap, k)
     matches = neighbours.rows == own_rows[:, None]
     # where the query's own row was not found, drop the last neighbour instead
     position = np.where(matches.any(axis=1), matches.argmax(axis=1), k)
@@ -122,14 +119,16 @@ GAP_EXTRA = 100
 def drop_near_ids(neighbours: Neighbours, own_ids: np.ndarray, sources: np.ndarray,
                   gap: int, k: int) -> Neighbours:
     """The k nearest neighbours of each query whose MNIST id is more than `gap` from the
-    query's own, in order; -1 (distance inf) where fewer than k are left."""
-    rows = neighbours.rows
+    query's own, in order; -1 (distance inf, or the largest integer for integer distances)
+    where fewer than k are left."""
+    rows, distances = neighbours.rows, neighbours.distances
     near = (rows < 0) | (np.abs(sources[np.maximum(rows, 0)] - own_ids[:, None]) <= gap)
     kept = np.argsort(near, axis=1, kind="stable")[:, :k]  # the others, in order
     left = ~np.take_along_axis(near, kept, axis=1)
+    missing = np.inf if distances.dtype.kind == "f" else np.iinfo(distances.dtype).max
     return Neighbours(np.where(left, np.take_along_axis(rows, kept, axis=1), -1),
-                      np.where(left, np.take_along_axis(neighbours.distances, kept, axis=1),
-                               np.inf))
+                      np.where(left, np.take_along_axis(distances, kept, axis=1),
+                               np.array(missing, distances.dtype)))
 
 
 @dataclass(frozen=True)
@@ -166,10 +165,7 @@ class HeldOut:
 
     def drop(self, neighbours: Neighbours, k: int,
              part: np.ndarray | slice = slice(None)) -> Neighbours:
-        if self.gap:
-            own = self.sources[self.rows[part]]
-            return drop_near_ids(neighbours, own, self.sources, self.gap, k)
-        return drop_self(neighbours, self.rows[part], k, self.sources)
+        return drop_self(neighbours, self.rows[part], k, self.sources, self.gap)
 
 
 def tune_index(collection: Collection, name: str, target: Target, k: int = 7,
