@@ -21,6 +21,7 @@ SIDE = 28
 WARP = 2
 CONTEXT = 1  # a 3x3 context (the compiled kernel's box sums are written out for it)
 LANE = 32  # the compiled kernel's row width: whole AVX2 and AVX-512 vectors, past the grid's 30
+FAR = np.float32(1e30)  # the compiled kernel's "not allowed": far above any IDM distance
 
 
 def gradient_features(images: np.ndarray) -> np.ndarray:
@@ -94,11 +95,12 @@ def _make_numba_kernel():
     # channels are compile-time constants and every inner loop runs over one row's view:
     # LLVM then vectorises the rows (1.6x the kernel that read the sizes from the arrays,
     # in bench_idm). Every inner loop runs over LANE columns, whole SIMD vectors with no
-    # remainder (1.25x on AVX2, 1.33x on AVX-512 against rows of 28 to 30): the columns
-    # past the image compute values that are never summed, and a displacement that would
-    # leave the image is kept out by an infinite penalty instead of a shorter loop. The box
-    # sums are written out for CONTEXT = 1. fastmath lets the sums be reordered (the last
-    # bits change).
+    # remainder (1.28x compiled for AVX2, 1.31x for AVX-512, against rows of 28 to 30): the
+    # columns past the image compute values that are never summed, and a displacement that
+    # would leave the image is kept out by a cost of FAR instead of a shorter loop. FAR is
+    # finite because fastmath assumes no infinities; it exceeds any distance, and the
+    # displacement 0 is always allowed. The box sums are written out for CONTEXT = 1.
+    # fastmath lets the sums be reordered (the last bits change).
     side, grid = SIDE, SIDE + 2 * CONTEXT
 
     @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -114,14 +116,14 @@ def _make_numba_kernel():
         for dx in range(-warp, warp + 1):
             for x in range(side):
                 if not 0 <= x + dx < side:
-                    penalty[dx + warp, x] = np.inf
+                    penalty[dx + warp, x] = FAR
         for c in range(rows.shape[0]):
             t = train[rows[c]]
             for y in range(side):
                 for x in range(side):
                     t0[y + pad, x + pad] = t[0, y, x]
                     t1[y + pad, x + pad] = t[1, y, x]
-            best[:] = np.inf
+            best[:] = FAR
             for dy in range(-warp, warp + 1):
                 for dx in range(-warp, warp + 1):
                     shift = dx + warp
