@@ -11,7 +11,13 @@ from helpers import clustered_digits, exact_knn, make_collection, run_cli
 
 from mnist_ann.api import Collection
 from mnist_ann.index.build import build_indexes
-from mnist_ann.index.certified import CertifiedSearcher, LowerBounds
+from mnist_ann.index.certified import (
+    FIRST_LISTS,
+    CertifiedSearcher,
+    LowerBounds,
+    list_minima,
+    nearest_in_best_lists,
+)
 from mnist_ann.index.recipes import resolve_recipe
 
 
@@ -64,6 +70,27 @@ def test_structured_data_is_pruned_and_exact(isolated: Path) -> None:
         small = assert_exact(knn, train, test[start:start + 4],
                              {"components": 32, "candidates": 16}, k=5)
         assert small["lists"] == 1
+
+
+def test_first_candidates_are_the_nearest_by_bound_in_the_best_lists(isolated: Path) -> None:
+    images, labels = clustered_digits(3000, seed=3)
+    collection = collection_of(isolated / "store", images, labels)
+    knn = collection.searcher("exact-pca")
+    layout, queries = knn.layouts[True], collection.test().pixels
+    projected = knn.bounds.project(queries, 32)
+    extended = np.concatenate([projected, np.zeros((len(queries), 1), np.float32)], axis=1)
+    minima = list_minima(layout, projected, map)
+    query_of, row_of = nearest_in_best_lists(layout, minima, extended, 16, map)
+    assert len(layout) > FIRST_LISTS
+    assert np.array_equal(query_of, np.repeat(np.arange(len(queries)), 16))
+    for q in range(len(queries)):
+        lists = np.argsort(minima[:, q])[:FIRST_LISTS]
+        members = np.concatenate([layout.members[j] for j in lists])
+        bound = ((layout.projected[:, :32].astype(np.float64) - projected[q]) ** 2).sum(axis=1)
+        found = row_of[query_of == q]
+        assert np.isin(found, members).all() and len(set(found)) == 16
+        np.testing.assert_allclose(np.sort(bound[found]), np.sort(bound[members])[:16],
+                                   rtol=1e-5)
 
 
 def test_equal_distances_follow_the_training_row(isolated: Path) -> None:

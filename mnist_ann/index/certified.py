@@ -276,29 +276,33 @@ def nearest_in_best_lists(layout: Lists, minima: np.ndarray, extended: np.ndarra
     n, components = len(extended), extended.shape[1] - 1
     indexes = layout.indexes(0, components, extra=True)
     sizes = np.sort(layout.sizes)
-    first_lists = max(FIRST_LISTS, int(np.searchsorted(np.cumsum(sizes), width)) + 1)
-    chosen = np.ones(minima.shape, bool)
+    first_lists = min(len(layout),
+                      max(FIRST_LISTS, int(np.searchsorted(np.cumsum(sizes), width)) + 1))
     if first_lists < len(layout):
         best = np.argpartition(minima, first_lists - 1, axis=0)[:first_lists]
-        chosen[:] = False
-        chosen[best, np.arange(n)] = True
+    else:
+        best = np.repeat(np.arange(len(layout))[:, None], n, axis=1)
+    # each query's nearest from its s-th best list go to columns [s·per, s·per + per): one
+    # argpartition a query then picks its `width`, where sorting all the pairs cost twice as
+    # much as the searches themselves
+    per = min(width, int(sizes[-1]))
+    bounds = np.full((n, first_lists * per), np.inf, np.float32)
+    rows = np.full((n, first_lists * per), -1, np.int64)
 
     def nearest(j: int) -> list:
-        asked = np.flatnonzero(chosen[j])
+        slots, asked = np.nonzero(best == j)
         if not len(asked):
             return []
-        bounds, local = indexes[j].search(extended[asked], min(width, int(layout.sizes[j])))
-        return [(np.repeat(asked, local.shape[1]), layout.members[j][local.ravel()],
-                 bounds.ravel())]
+        found, local = indexes[j].search(extended[asked], min(per, int(layout.sizes[j])))
+        columns = slots[:, None] * per + np.arange(local.shape[1])[None, :]
+        bounds[asked[:, None], columns] = found  # each (query, slot) is one list's: no overlap
+        rows[asked[:, None], columns] = layout.members[j][local]
+        return []
 
-    found = each_list(run, len(layout), nearest)
-    query_of, row_of, bound = (np.concatenate([part[i] for part in found]) for i in range(3))
-    order = np.argsort(bound, kind="stable")  # by query, then bound: two quick sorts
-    order = order[np.argsort(query_of[order], kind="stable")]
-    query_of, row_of = query_of[order], row_of[order]
-    starts = _starts(np.bincount(query_of, minlength=n))
-    head = np.arange(len(query_of)) - starts[query_of] < width
-    return query_of[head], row_of[head]
+    each_list(run, len(layout), nearest)
+    rows = np.take_along_axis(rows, np.argpartition(bounds, width - 1, axis=1)[:, :width], 1)
+    present = rows >= 0
+    return np.repeat(np.arange(n), present.sum(axis=1)), rows[present]
 
 
 def _smallest_distances(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
