@@ -19,8 +19,8 @@ import numpy as np
 
 from mnist_ann import Store
 from mnist_ann.classify import Classifier
-from mnist_ann.evaluation.tune import HeldOut
-from mnist_ann.index.neighbours import Neighbours
+from mnist_ann.evaluation.tune import HeldOut, pool_rows
+from mnist_ann.index.neighbours import Neighbours, order_exactly
 from mnist_ann.runtime import faiss_threads
 
 
@@ -58,13 +58,8 @@ def main() -> None:
     nprobe = searcher.parameters()["nprobe"]
     started = time.perf_counter()
     with faiss_threads(args.threads):
-        width = args.pool + held.copies
-        found = held.drop(searcher.base.search(queries, width, {"nprobe": nprobe,
-                                                                "candidates": width}), args.pool)
-        rows = found.rows
-        scores = searcher.pool_distances(queries, rows)
-    order = np.lexsort((rows, scores), axis=-1)
-    ranked = Neighbours(np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1))
+        rows = pool_rows(searcher, queries, held, args.pool, {"nprobe": nprobe})
+        ranked = order_exactly(rows, searcher.pool_distances(queries, rows), args.pool)
     labels = train.labels[np.maximum(ranked.rows, 0)]
     print(f"{args.collection}: {len(queries):,} held-out training rows (seed {args.seed}), "
           f"nprobe {nprobe}, pool {args.pool}, no gate, {args.threads} threads, "
