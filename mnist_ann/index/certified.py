@@ -290,9 +290,12 @@ def nearest_in_best_lists(layout: Lists, minima: np.ndarray, extended: np.ndarra
     per = min(width, int(sizes[-1]))
     bounds = np.full((n, first_lists * per), np.inf, np.float32)
     rows = np.full((n, first_lists * per), -1, np.int64)
+    # (slot, query) cells of `best` grouped by list, once, instead of a scan of it per list
+    by_list = np.argsort(best, axis=None, kind="stable")
+    ends = np.searchsorted(best.ravel()[by_list], np.arange(len(layout) + 1))
 
     def nearest(j: int) -> list:
-        slots, asked = np.nonzero(best == j)
+        slots, asked = np.divmod(by_list[ends[j]:ends[j + 1]], n)
         if not len(asked):
             return []
         found, local = indexes[j].search(extended[asked], min(per, int(layout.sizes[j])))
