@@ -10,6 +10,7 @@ import numpy as np
 from helpers import clustered_digits, exact_knn, make_collection, run_cli
 
 from mnist_ann.api import Collection
+from mnist_ann.index import certified
 from mnist_ann.index.build import build_indexes
 from mnist_ann.index.certified import (
     FIRST_LISTS,
@@ -122,6 +123,45 @@ def test_queries_that_force_the_fallback(isolated: Path) -> None:
     assert stats["verified_max"] >= len(images) * 9 // 10
 
 
+def test_noise_is_compared_with_every_row_and_memory_stays_bounded(isolated: Path,
+                                                                   monkeypatch) -> None:
+    """Random noise puts every row within every radius. Such queries go to the scan of every
+    row, and what the range searches find is verified a bounded batch at a time, merged
+    exactly: the same answers as brute force, in every block and on the point path."""
+    images, labels = clustered_digits(3000, seed=6)
+    collection = collection_of(isolated / "store", images, labels)
+    knn = collection.searcher("exact-pca")
+    train, test = collection.train().pixels, collection.test().pixels
+    noise = np.random.default_rng(0).integers(0, 256, (80, 784), dtype=np.uint8)
+    queries = np.concatenate([test[:150], noise])
+    params = {"components": 32, "candidates": 16}
+    stats = assert_exact(knn, train, queries, params)
+    assert stats["verified_max"] == len(train)  # noise: every row, by the scan
+    assert stats["verified_median"] < len(train) / 10
+    for one in noise[:2]:  # and one at a time
+        assert assert_exact(knn, train, one[None], params)["verified_max"] == len(train)
+
+    batches = []
+    verify_pairs = certified.verify_pairs
+
+    def recorded(run, verify, n, query_of, row_of, k):
+        batches.append(len(query_of))
+        return verify_pairs(run, verify, n, query_of, row_of, k)
+
+    monkeypatch.setattr(certified, "verify_pairs", recorded)
+    # every query kept on the lists' path, its rows verified 300 or so at a time, each list
+    # asked for at most 2,000 (query, row) pairs at once, blocks of 64 queries
+    monkeypatch.setattr(certified, "HARD_SHARE", 2.0)
+    monkeypatch.setattr(certified, "PAIR_BATCH", 300)
+    monkeypatch.setattr(certified, "CALL_CELLS", 2000)
+    monkeypatch.setattr(certified, "FIRST_CELLS", 64 * 3 * 16)
+    stats = assert_exact(knn, train, queries, params)
+    # noise now verified on the lists' path: its first candidates, then every row
+    assert stats["verified_max"] == len(train) + 16
+    range_batches = batches[1::2] if len(batches) == 2 else batches
+    assert len(batches) > 20 and max(range_batches) <= 300 + 2000
+
+
 def subspace_data(rng: np.random.Generator, n: int, rank: int) -> np.ndarray:
     """Integer images spanning at most `rank` directions: a PCA of that size loses nothing."""
     basis = rng.integers(0, 2, (rank, 784))
@@ -186,6 +226,8 @@ def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path,
     query = centre[None].astype(np.uint8)
     params = {"components": 128, "candidates": 64}
     assert_exact(knn, train, query, params, k=7)
+    # the 90 rows at the k-th distance would make it a query compared with every row instead
+    monkeypatch.setattr(certified, "HARD_SHARE", 1.0)
     # no margin: a row counts as beyond the k-th distance once its float32 bound reaches it
     monkeypatch.setattr(LowerBounds, "_needed", lambda self, kth_distances, *rest: (
         np.zeros(kth_distances.shape), kth_distances.astype(np.float64)))

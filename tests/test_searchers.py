@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import faiss
 import numpy as np
 import pytest
 from helpers import clustered_digits, exact_knn
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mnist_ann.classify import Classifier
-from mnist_ann.index import certified, locality
+from mnist_ann.index import certified, locality, searchers
 from mnist_ann.index.build import build_in_memory
 from mnist_ann.index.factory import make_searcher
 from mnist_ann.index.layers import index_layers
@@ -181,7 +182,11 @@ def test_step4_rows_within_the_radius_include_every_true_neighbour(certified_cas
     radius, offsets = searcher.bounds.range_offsets(kth, norms, projected, 64)
     extended = np.hstack([projected, offsets[:, None]])
     needed = np.ones((len(layout), len(queries)), bool)
-    query_of, row_of = certified.rows_within(layout, needed, extended, radius, map)
+    parts = []
+    certified.rows_within(layout, needed, extended, radius, map,
+                          lambda asked, counts, rows: parts.append((np.repeat(asked, counts),
+                                                                    rows)))
+    query_of, row_of = (np.concatenate(part) for part in zip(*parts, strict=True))
     t = searcher.space.features.astype(np.int64)
     for query in range(len(queries)):
         within = np.flatnonzero(((t - queries[query].astype(np.int64)) ** 2).sum(1)
@@ -340,3 +345,19 @@ def test_an_index_that_cannot_give_its_vectors_back_keeps_the_order(digits,
     monkeypatch.setattr(locality, "index_layers", lambda index: layers)
     monkeypatch.setattr(locality.faiss, "downcast_index", lambda index: Opaque())
     assert QueryOrder.of_index(layers[0]) is None
+
+
+def test_a_rerank_of_many_candidates_goes_a_block_of_queries_at_a_time(digits,
+                                                                        monkeypatch) -> None:
+    train, _, queries = digits
+    searcher = searcher_for("pca-ivf", train)
+    assert isinstance(searcher, RerankSearcher)
+    # every list, and every row re-ranked: the exact answer
+    params = {"nprobe": faiss.extract_index_ivf(searcher.index).nlist, "candidates": len(train)}
+    whole = searcher.search(queries, 7, params)
+    true_distances, true_rows = exact_knn(train, queries, 7)
+    np.testing.assert_array_equal(whole.rows, true_rows)
+    monkeypatch.setattr(searchers, "RERANK_CELLS", 5 * len(train))  # 5 queries a block
+    blocked = searcher.search(queries, 7, params)
+    np.testing.assert_array_equal(blocked.rows, true_rows)
+    np.testing.assert_array_equal(blocked.distances, true_distances)

@@ -32,8 +32,14 @@ is fast). Per query, in named steps:
 4. `rows_within`: in those lists, every row whose bound on `components` axes is under the
    radius, by one range search (a per-query extra coordinate turns the per-query radius into a
    common one);
-5. `verify_pairs`: those rows verified exactly: the k nearest among them are the exact answer,
-   since every row left out is farther than τ, which is at least the true k-th distance.
+5. `VerifiedPairs` (by `verify_pairs`): those rows verified exactly, a bounded batch at a
+   time: the k nearest among them are the exact answer, since every row left out is farther
+   than τ, which is at least the true k-th distance.
+
+A query that prunes nothing (every list in play, or a sixteenth of the rows found: random
+noise) is compared with every row instead (`compare_with_every_row`, FAISS's scan, certified
+as the flat index's), and a batch asking for many first candidates goes in blocks: memory
+never grows with queries x rows.
 
 Batches under SPLIT_BATCH queries skip the lists (their fixed cost, a few FAISS calls per
 list, outweighs what they save there) and go query by query (`point_search`): every row's
@@ -56,9 +62,9 @@ import numpy as np
 
 from mnist_ann.errors import InvalidArgument
 from mnist_ann.index.layers import flat_vectors
-from mnist_ann.index.neighbours import Neighbours, order_exactly
+from mnist_ann.index.neighbours import MISSING, Neighbours, order_exactly
 from mnist_ann.index.recipes import CANDIDATES, COMPONENTS, EXACT_PCA_CANDIDATES
-from mnist_ann.index.searchers import FaissSearcher, float32_margin
+from mnist_ann.index.searchers import FaissSearcher, exact_by_widening, float32_margin
 from mnist_ann.index.space import RankingSpace, float32_distances, squared_norms
 
 UNIT_ROUNDING = 2.0**-24
@@ -88,6 +94,22 @@ AXIS_CHUNK = 8
 DENSE_SPANS = 3
 DENSE_FRACTION = 0.05
 POOL_STRIDE = 32  # nearest_rows' sample of the first bounds
+# memory stays bounded whatever the queries (random noise puts every row within every radius,
+# n x rows pairs): a list's range search asks at most CALL_CELLS (query, row) pairs at once,
+# the pairs found are verified PAIR_BATCH or so at a time, and a batch is searched in blocks
+# whose first candidates' columns stay under FIRST_CELLS (a batch of real digits is one block,
+# one verification: 0.7 million pairs for the 14,000 seed test digits)
+CALL_CELLS = 1 << 22
+PAIR_BATCH = 1 << 22
+FIRST_CELLS = 1 << 22
+# a query with every list in play, or more rows than this share of the training set within
+# its radius, is compared with every row by FAISS's scan instead: verifying a row by its
+# pixels costs about 0.3 µs on one thread, the scan about 15 ns a row in a batch of a few
+# hundred queries or more (BLAS; 1,000 random-noise images took 15 s before, 0.7 s now; the
+# seed test digits verify 2,390 rows at most). A single query's scan reads every row on its
+# own (about 6 ms for 56,000): the point path hands it over only past POINT_HARD_SHARE.
+HARD_SHARE = 1 / 16
+POINT_HARD_SHARE = 1 / 2
 VERIFY_CELLS = 1 << 15  # candidates verified at once, padded to the longest list among them
 RADIUS_SLACK = 1e-6  # relative, and 1e-3 absolute: "at or beyond" becomes "strictly beyond"
 
@@ -269,6 +291,15 @@ def list_minima(layout: Lists, projected: np.ndarray, run: Map) -> np.ndarray:
     return minima
 
 
+def first_columns(layout: Lists, width: int) -> tuple[int, int]:
+    """Step 2's shape: how many best lists a query's first `width` candidates come from (at
+    least FIRST_LISTS, or enough to hold `width` rows), and the columns kept per list."""
+    sizes = np.sort(layout.sizes)
+    first_lists = min(len(layout),
+                      max(FIRST_LISTS, int(np.searchsorted(np.cumsum(sizes), width)) + 1))
+    return first_lists, min(width, int(sizes[-1]))
+
+
 def nearest_in_best_lists(layout: Lists, minima: np.ndarray, extended: np.ndarray,
                           width: int, run: Map) -> tuple[np.ndarray, np.ndarray]:
     """Step 2: (query, row) pairs of the `width` rows nearest by bound to each query in its
@@ -277,9 +308,7 @@ def nearest_in_best_lists(layout: Lists, minima: np.ndarray, extended: np.ndarra
     `extended` holds the projected queries and an extra coordinate, 0 here."""
     n, components = len(extended), extended.shape[1] - 1
     indexes = layout.indexes(0, components, extra=True)
-    sizes = np.sort(layout.sizes)
-    first_lists = min(len(layout),
-                      max(FIRST_LISTS, int(np.searchsorted(np.cumsum(sizes), width)) + 1))
+    first_lists, per = first_columns(layout, width)
     if first_lists < len(layout):
         best = np.argpartition(minima, first_lists - 1, axis=0)[:first_lists]
     else:
@@ -287,7 +316,6 @@ def nearest_in_best_lists(layout: Lists, minima: np.ndarray, extended: np.ndarra
     # each query's nearest from its s-th best list go to columns [s·per, s·per + per): one
     # argpartition a query then picks its `width`, where sorting all the pairs cost twice as
     # much as the searches themselves
-    per = min(width, int(sizes[-1]))
     bounds = np.full((n, first_lists * per), np.inf, np.float32)
     rows = np.full((n, first_lists * per), -1, np.int64)
     # (slot, query) cells of `best` grouped by list, once, instead of a scan of it per list
@@ -348,23 +376,88 @@ def lists_in_play(layout: Lists, bounds: LowerBounds, minima: np.ndarray, kth: n
     return needed
 
 
+Found = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
 def rows_within(layout: Lists, needed: np.ndarray, extended: np.ndarray, radius: float,
-                run: Map) -> tuple[np.ndarray, np.ndarray]:
-    """Step 4: (query, row) pairs of every row, in each query's lists in play, whose computed
-    distance to (query, offset) is under `radius`: one range search per list."""
+                run: Map, found: Found, skip: np.ndarray | None = None) -> None:
+    """Step 4: every row, in each query's lists in play, whose computed distance to (query,
+    offset) is under `radius`, by one range search per list (or per CALL_CELLS pairs), given
+    to `found(queries, counts, rows)` as it comes: query i's counts[i] rows, in order. Queries
+    marked in `skip` (which may grow meanwhile) are no longer asked."""
     components = extended.shape[1] - 1
     indexes = layout.indexes(0, components, extra=True)
 
     def within(j: int) -> list:
         asked = np.flatnonzero(needed[j])
-        if not len(asked):
-            return []
-        limits, _, local = indexes[j].range_search(extended[asked], radius)
-        return [(np.repeat(asked, np.diff(limits.astype(np.int64))), layout.members[j][local])]
+        if skip is not None:
+            asked = asked[~skip[asked]]
+        step = max(1, CALL_CELLS // int(layout.sizes[j]))
+        for start in range(0, len(asked), step):
+            part = asked[start:start + step]
+            limits, _, local = indexes[j].range_search(extended[part], radius)
+            found(part, np.diff(limits.astype(np.int64)), layout.members[j][local])
+        return []
 
-    found = each_list(run, len(layout), within)
-    return (np.concatenate([part[0] for part in found]).astype(np.int64),
-            np.concatenate([part[1] for part in found]).astype(np.int64))
+    each_list(run, len(layout), within)
+
+
+class VerifiedPairs:
+    """Step 5 as step 4's rows arrive: each query's k exactly nearest among the (query, row)
+    pairs found, verified PAIR_BATCH or so at a time, so that memory stays bounded whatever
+    the range searches return. A query found with more than `most_rows` rows is marked
+    `hard` and its rows are dropped: comparing it with every row is cheaper (the caller's).
+    Safe to feed from several threads."""
+
+    def __init__(self, n: int, k: int, verify: Verify, most_rows: int) -> None:
+        self.n, self.k, self.verify, self.most_rows = n, k, verify, most_rows
+        self.rows = np.full((n, k), -1, np.int64)
+        self.distances = np.full((n, k), MISSING, np.int64)
+        self.counts = np.zeros(n, np.int64)  # rows found, hard queries' included
+        self.hard = np.zeros(n, bool)
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._size = 0
+        self._merged = False
+        self._lock = threading.Lock()  # the parts, counts and marks
+        self._merging = threading.Lock()  # the k best so far
+
+    def __call__(self, queries: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> None:
+        with self._lock:
+            self.counts[queries] += counts  # a list's queries are distinct
+            self.hard[queries[self.counts[queries] > self.most_rows]] = True
+            query_of = np.repeat(queries, counts)
+            keep = ~self.hard[query_of]
+            self._parts.append((query_of[keep], rows[keep]))
+            self._size += int(keep.sum())
+            if self._size < PAIR_BATCH:
+                return
+            parts, self._parts, self._size = self._parts, [], 0
+        self._verify(parts, map)  # on this worker: the pool's other workers go on searching
+
+    def finish(self, run: Map) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The k best rows and distances of each query, its rows found, and the hard
+        queries (whose rows and distances are not meaningful)."""
+        parts, self._parts, self._size = self._parts, [], 0
+        self._verify(parts, run)
+        return self.rows, self.distances, self.counts, self.hard
+
+    def _verify(self, parts: list[tuple[np.ndarray, np.ndarray]], run: Map) -> None:
+        if not parts:
+            return
+        query_of = np.concatenate([part[0] for part in parts]).astype(np.int64)
+        row_of = np.concatenate([part[1] for part in parts]).astype(np.int64)
+        keep = ~self.hard[query_of]  # queries marked since their rows came
+        query_of, row_of = query_of[keep], row_of[keep]
+        rows, distances, _ = verify_pairs(run, self.verify, self.n, query_of, row_of, self.k)
+        with self._merging:
+            if not self._merged:  # the first (usually the only) batch: nothing to merge
+                self.rows, self.distances, self._merged = rows, distances, True
+                return
+            touched = np.unique(query_of)
+            best = order_exactly(np.hstack([self.rows[touched], rows[touched]]),
+                                 np.hstack([self.distances[touched], distances[touched]]),
+                                 self.k)
+            self.rows[touched], self.distances[touched] = best.rows, best.distances
 
 
 def verify_pairs(run: Map, verify: Verify, n: int, query_of: np.ndarray,
@@ -448,10 +541,12 @@ def point_stops(components: int) -> list[int]:
 
 def point_search(bounds: LowerBounds, chunks: list[list[np.ndarray]], spans: list[np.ndarray],
                  all_axes: np.ndarray, verify: Verify, position: int, projected: np.ndarray,
-                 norm: np.ndarray, k: int, width: int) -> tuple[np.ndarray, np.ndarray, int]:
+                 norm: np.ndarray, k: int, width: int,
+                 most_rows: int) -> tuple[np.ndarray, np.ndarray, int] | None:
     """One query's exact k nearest rows (and how many rows were verified), certified: every
     row left out has a bound, on the first m axes for some m in `point_stops`, at or beyond
-    the radius of τ, the k-th exact distance of `width` verified rows.
+    the radius of τ, the k-th exact distance of `width` verified rows. None when more than
+    `most_rows` rows are left before the last stop: a scan of every row is cheaper then.
 
     `chunks` hold every row on the first spans of axes (up to the first stops) in
     `axis_chunks`, scanned whole; `spans` every row on each span up to a stop but the last,
@@ -469,6 +564,8 @@ def point_search(bounds: LowerBounds, chunks: list[list[np.ndarray]], spans: lis
         if level:
             start, stop = stops[level - 1], stops[level]
             if level == len(stops) - 1:
+                if len(survivors) > most_rows:
+                    return None
                 partial = _distances_to(projected, all_axes, survivors)
             elif survivors is None:
                 partial = partial + _distances_to_all(projected[start:stop], chunks[level])
@@ -557,13 +654,27 @@ class CertifiedSearcher(FaissSearcher):
         if len(pixels) < SPLIT_BATCH:
             return self._point_queries(pixels, k, components, candidates)
         layout = self.layouts[True]
+        width = min(max(candidates, k), self.ntotal)
+        first_lists, per = first_columns(layout, width)
+        block = max(SPLIT_BATCH, FIRST_CELLS // (first_lists * per))
+        parts = [self._list_search(pixels[start:start + block], k, components, width, threads)
+                 for start in range(0, len(pixels), block)]
+        rows, distances, scanned, verified = (np.concatenate(part) for part in zip(*parts,
+                                                                                  strict=True))
+        return rows, distances, self._stats(components, len(layout), scanned, verified)
+
+    def _list_search(self, pixels: np.ndarray, k: int, components: int, width: int,
+                     threads: int) -> tuple[np.ndarray, ...]:
+        """Steps 1-5 for one block of queries: rows, distances, lists scanned and rows
+        verified per query."""
+        layout = self.layouts[True]
         n = len(pixels)
         norms = squared_norms(pixels)
         projected = self.bounds.project(pixels, components)
         extended = np.zeros((n, components + 1), np.float32)  # the extra coordinate 0 for now
         extended[:, :components] = projected
-        width = min(max(candidates, k), self.ntotal)
         verify = self._verify(pixels)
+        found = VerifiedPairs(n, k, verify, int(HARD_SHARE * self.ntotal))
         # many small FAISS calls, several at once, each on one thread
         with ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads,
                                 initargs=(1,)) as pool:
@@ -575,10 +686,26 @@ class CertifiedSearcher(FaissSearcher):
             needed = lists_in_play(layout, self.bounds, minima, kth, norms, projected, run)
             radius, offsets = self.bounds.range_offsets(kth, norms, projected, components)
             extended[:, components] = offsets
-            query_of, row_of = rows_within(layout, needed, extended, radius, run)
-            rows, distances, counts = verify_pairs(run, verify, n, query_of, row_of, k)
-        return rows, distances, self._stats(components, len(layout), needed.sum(axis=0),
-                                            first_counts + counts)
+            if len(layout) > 1 and found.most_rows < self.ntotal:  # could find every row
+                found.hard |= needed.all(axis=0)
+            rows_within(layout, needed, extended, radius, run, found, skip=found.hard)
+            rows, distances, counts, hard = found.finish(run)
+        verified = first_counts + counts
+        if hard.any():  # on the caller's FAISS threads
+            exact = self.compare_with_every_row(pixels[hard], k)
+            rows[hard], distances[hard] = exact.rows, exact.distances
+            verified[hard] = self.ntotal
+        return rows, distances, needed.sum(axis=0), verified
+
+    def compare_with_every_row(self, pixels: np.ndarray, k: int) -> Neighbours:
+        """The exact k nearest of each query by FAISS's float32 scan of every row (BLAS in a
+        batch), certified as the flat index certifies it, without a flat index's copy."""
+        train = self.space.float32
+
+        def scan(queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+            return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), train, width)
+
+        return exact_by_widening(self.space, pixels, k, scan)
 
     def _point_queries(self, pixels: np.ndarray, k: int, components: int,
                        candidates: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -601,10 +728,18 @@ class CertifiedSearcher(FaissSearcher):
         rows = np.empty((n, k), np.int64)
         distances = np.empty((n, k), np.int64)
         verified = np.empty(n, np.int64)
+        hard = np.zeros(n, bool)
         for i in range(n):
-            rows[i], distances[i], verified[i] = point_search(
-                self.bounds, chunks, spans, all_axes, verify, i, projected[i], norms[i:i + 1], k,
-                width)
+            found = point_search(self.bounds, chunks, spans, all_axes, verify, i, projected[i],
+                                 norms[i:i + 1], k, width,
+                                 int(POINT_HARD_SHARE * self.ntotal))
+            if found is None:
+                hard[i] = True
+            else:
+                rows[i], distances[i], verified[i] = found
+        if hard.any():
+            exact = self.compare_with_every_row(pixels[hard], k)
+            rows[hard], distances[hard], verified[hard] = exact.rows, exact.distances, self.ntotal
         return rows, distances, self._stats(components, 1, np.ones(n, np.int64), verified)
 
     @staticmethod

@@ -20,7 +20,7 @@ parameters go to FAISS per call (params.py), never set on the shared index.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar, Protocol
 
 import faiss
@@ -40,6 +40,9 @@ from mnist_ann.index.recipes import CANDIDATES, Recipe
 from mnist_ann.index.space import RankingSpace, squared_norms
 
 RERANK_EXTRA = 8
+# at most this many candidates (query, row) are re-ranked at once: `candidates` may be as
+# large as the training set, and a batch times that would not fit in memory
+RERANK_CELLS = 1 << 22
 # FAISS computes |q|² + |x|² - 2 q·x in float32; over d terms its error stays below about
 # d · 2⁻²⁴ · (|q|² + |x|²); for 784 pixels that is 4.7e-5 · (|q|² + |x|²). Four times that is
 # the margin, and it grows with d beyond 784.
@@ -174,9 +177,17 @@ class RerankSearcher(FaissSearcher):
                 faiss_params: faiss.SearchParameters | None) -> Neighbours:
         asked = checked.get(CANDIDATES)
         width = min(max(k, asked) if asked else k + RERANK_EXTRA, self.ntotal)
-        sums, rows = self._candidates(features, width, faiss_params)
-        distances = self.space.distances(features, rows, k, sums if self.direct else None)
-        return order_exactly(rows, distances, k)
+        block = max(1, RERANK_CELLS // width)  # a batch of real size is one block
+        parts = []
+        for start in range(0, len(features), block):
+            queries = features[start:start + block]
+            sums, rows = self._candidates(queries, width, faiss_params)
+            distances = self.space.distances(queries, rows, k, sums if self.direct else None)
+            parts.append(order_exactly(rows, distances, k))
+        if len(parts) == 1:
+            return parts[0]
+        return Neighbours(np.concatenate([part.rows for part in parts]),
+                          np.concatenate([part.distances for part in parts]))
 
 
 class ExhaustiveSearcher(FaissSearcher):
@@ -194,40 +205,47 @@ class ExhaustiveSearcher(FaissSearcher):
 
     def _search(self, features: np.ndarray, k: int, checked: dict,
                 faiss_params: faiss.SearchParameters | None) -> Neighbours:
-        width = min(k + RERANK_EXTRA, self.ntotal)
-        float_distances, rows = self._candidates(features, width, faiss_params)
-        best = self._ranked(features, rows, k, float_distances)
-        return self._certify(features, k, faiss_params, best, float_distances, width)
+        def scan(queries: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+            return self._candidates(queries, width, faiss_params)
 
-    def _ranked(self, features: np.ndarray, rows: np.ndarray, k: int,
-                sums: np.ndarray | None = None) -> Neighbours:
-        """The exact k best of the candidates; an index's own sums where they are direct."""
-        return order_exactly(rows, self.space.distances(
-            features, rows, k, sums if self.direct else None), k)
+        return exact_by_widening(self.space, features, k, scan, self.direct)
 
-    def _certify(self, features: np.ndarray, k: int,
-                 faiss_params: faiss.SearchParameters | None, best: Neighbours,
-                 float_distances: np.ndarray, width: int) -> Neighbours:
-        """Widen the candidate list of queries where float32 rounding could hide a neighbour.
 
-        Every row not returned has a float32 distance at least the last returned one; once
-        that, less the rounding margin, exceeds the exact k-th distance, no unseen row can
-        belong in the top k.
-        """
-        margins = float32_margin(self.space.dimension) * (
-            squared_norms(features) + self.space.max_squared_norm)
-        if self.space.integer:
-            margins += 1  # integer distances: a tie at the k-th distance must be looked at
-        rows_out, distances_out = best.rows.copy(), best.distances.copy()
-        pending = np.flatnonzero(float_distances[:, -1] - margins <= best.distances[:, -1])
-        while len(pending) and width < self.ntotal:
-            width = min(width * 4, self.ntotal)
-            more_float, more_rows = self._candidates(features[pending], width, faiss_params)
-            more = self._ranked(features[pending], more_rows, k, more_float)
-            rows_out[pending], distances_out[pending] = more.rows, more.distances
-            still = more_float[:, -1] - margins[pending] <= more.distances[:, -1]
-            pending = pending[still]
-        return Neighbours(rows_out, distances_out)
+Scan = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def exact_by_widening(space: RankingSpace, features: np.ndarray, k: int, scan: Scan,
+                      direct: bool = False) -> Neighbours:
+    """The exact k nearest rows of each query from a scan of every row in float32
+    (`scan(queries, width)` -> the `width` nearest's float32 distances and rows, FAISS's
+    flat search), re-ranked exactly (by the scan's own sums where `direct`), the candidate
+    list widened where float32 rounding could hide a neighbour.
+
+    Every row not returned has a float32 distance at least the last returned one; once that,
+    less the rounding margin, exceeds the exact k-th distance, no unseen row can belong in
+    the top k.
+    """
+    def ranked(queries: np.ndarray, rows: np.ndarray, sums: np.ndarray) -> Neighbours:
+        return order_exactly(rows, space.distances(queries, rows, k, sums if direct else None),
+                             k)
+
+    width = min(k + RERANK_EXTRA, len(space))
+    float_distances, rows = scan(features, width)
+    best = ranked(features, rows, float_distances)
+    margins = float32_margin(space.dimension) * (squared_norms(features)
+                                                 + space.max_squared_norm)
+    if space.integer:
+        margins += 1  # integer distances: a tie at the k-th distance must be looked at
+    rows_out, distances_out = best.rows.copy(), best.distances.copy()
+    pending = np.flatnonzero(float_distances[:, -1] - margins <= best.distances[:, -1])
+    while len(pending) and width < len(space):
+        width = min(width * 4, len(space))
+        more_float, more_rows = scan(features[pending], width)
+        more = ranked(features[pending], more_rows, more_float)
+        rows_out[pending], distances_out[pending] = more.rows, more.distances
+        still = more_float[:, -1] - margins[pending] <= more.distances[:, -1]
+        pending = pending[still]
+    return Neighbours(rows_out, distances_out)
 
 
 def exhaustive_searcher(space: RankingSpace, name: str = "exact") -> ExhaustiveSearcher:
