@@ -137,9 +137,11 @@ def test_noise_is_compared_with_every_row_and_memory_stays_bounded(isolated: Pat
     params = {"components": 32, "candidates": 16}
     stats = assert_exact(knn, train, queries, params)
     assert stats["verified_max"] == len(train)  # noise: every row, by the scan
+    assert stats["whole_scan_queries"] == len(noise)
     assert stats["verified_median"] < len(train) / 10
     for one in noise[:2]:  # and one at a time
-        assert assert_exact(knn, train, one[None], params)["verified_max"] == len(train)
+        point = assert_exact(knn, train, one[None], params)
+        assert point["verified_max"] == len(train) and point["whole_scan_queries"] == 1
 
     batches = []
     verify_pairs = certified.verify_pairs
@@ -157,7 +159,7 @@ def test_noise_is_compared_with_every_row_and_memory_stays_bounded(isolated: Pat
     monkeypatch.setattr(certified, "FIRST_CELLS", 64 * 3 * 16)
     stats = assert_exact(knn, train, queries, params)
     # noise now verified on the lists' path: its first candidates, then every row
-    assert stats["verified_max"] == len(train) + 16
+    assert stats["verified_max"] == len(train) + 16 and stats["whole_scan_queries"] == 0
     range_batches = batches[1::2] if len(batches) == 2 else batches
     assert len(batches) > 20 and max(range_batches) <= 300 + 2000
 

@@ -659,14 +659,14 @@ class CertifiedSearcher(FaissSearcher):
         block = max(SPLIT_BATCH, FIRST_CELLS // (first_lists * per))
         parts = [self._list_search(pixels[start:start + block], k, components, width, threads)
                  for start in range(0, len(pixels), block)]
-        rows, distances, scanned, verified = (np.concatenate(part) for part in zip(*parts,
-                                                                                  strict=True))
-        return rows, distances, self._stats(components, len(layout), scanned, verified)
+        rows, distances, scanned, verified, whole = (np.concatenate(part)
+                                                     for part in zip(*parts, strict=True))
+        return rows, distances, self._stats(components, len(layout), scanned, verified, whole)
 
     def _list_search(self, pixels: np.ndarray, k: int, components: int, width: int,
                      threads: int) -> tuple[np.ndarray, ...]:
-        """Steps 1-5 for one block of queries: rows, distances, lists scanned and rows
-        verified per query."""
+        """Steps 1-5 for one block of queries: rows, distances, lists scanned, rows verified
+        and whether it was compared with every row, per query."""
         layout = self.layouts[True]
         n = len(pixels)
         norms = squared_norms(pixels)
@@ -695,7 +695,7 @@ class CertifiedSearcher(FaissSearcher):
             exact = self.compare_with_every_row(pixels[hard], k)
             rows[hard], distances[hard] = exact.rows, exact.distances
             verified[hard] = self.ntotal
-        return rows, distances, needed.sum(axis=0), verified
+        return rows, distances, needed.sum(axis=0), verified, hard
 
     def compare_with_every_row(self, pixels: np.ndarray, k: int) -> Neighbours:
         """The exact k nearest of each query by FAISS's float32 scan of every row (BLAS in a
@@ -740,13 +740,15 @@ class CertifiedSearcher(FaissSearcher):
         if hard.any():
             exact = self.compare_with_every_row(pixels[hard], k)
             rows[hard], distances[hard], verified[hard] = exact.rows, exact.distances, self.ntotal
-        return rows, distances, self._stats(components, 1, np.ones(n, np.int64), verified)
+        return rows, distances, self._stats(components, 1, np.ones(n, np.int64), verified, hard)
 
     @staticmethod
-    def _stats(components: int, lists: int, scanned: np.ndarray, verified: np.ndarray) -> dict:
+    def _stats(components: int, lists: int, scanned: np.ndarray, verified: np.ndarray,
+               whole: np.ndarray) -> dict:
         return {"components": components, "lists": lists,
                 "lists_scanned_median": percentile(scanned, 50),
                 "verified_median": percentile(verified, 50),
                 "verified_p99": percentile(verified, 99),
                 "verified_max": int(verified.max()),
-                "fallback_queries": int((scanned == lists).sum())}
+                "fallback_queries": int((scanned == lists).sum()),
+                "whole_scan_queries": int(whole.sum())}
