@@ -30,6 +30,7 @@ from mnist_ann.api import Collection
 from mnist_ann.classify import vote
 from mnist_ann.data.tables import Table
 from mnist_ann.errors import IntegrityError, InvalidArgument
+from mnist_ann.index import searchers
 from mnist_ann.index.build import build_indexes
 from mnist_ann.index.recipes import resolve_recipe
 from mnist_ann.store.collection import write_table
@@ -110,7 +111,7 @@ def test_equal_distances_follow_the_training_row(isolated: Path) -> None:
     np.testing.assert_array_equal(found.rows[0], first_20)
 
 
-def test_float32_near_ties_are_resolved_exactly(isolated: Path) -> None:
+def test_float32_near_ties_are_resolved_exactly(isolated: Path, monkeypatch) -> None:
     """Distances near 5e7 collide in float32; the exact re-rank with widening must not."""
     query = np.full((1, 784), 255, np.uint8)
     n = 2000
@@ -127,6 +128,13 @@ def test_float32_near_ties_are_resolved_exactly(isolated: Path) -> None:
     _, raw_rows = raw.search(query.astype(np.float32), 15)
     assert not set(true_rows[0][:3]) <= set(raw_rows[0])  # float32 alone misses them
     found = collection.searcher("flat").search(query, 7)
+    np.testing.assert_array_equal(found.rows, true_rows)
+    np.testing.assert_array_equal(found.distances, true_distances)
+    # many such queries widen a block at a time (here 2 queries of every row)
+    monkeypatch.setattr(searchers, "RERANK_CELLS", 2 * len(train))
+    queries = np.concatenate([query, train[:4], query])
+    true_distances, true_rows = exact_knn(train, queries, 7)
+    found = collection.searcher("flat").search(queries, 7)
     np.testing.assert_array_equal(found.rows, true_rows)
     np.testing.assert_array_equal(found.distances, true_distances)
 

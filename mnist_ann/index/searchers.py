@@ -240,10 +240,14 @@ def exact_by_widening(space: RankingSpace, features: np.ndarray, k: int, scan: S
     pending = np.flatnonzero(float_distances[:, -1] - margins <= best.distances[:, -1])
     while len(pending) and width < len(space):
         width = min(width * 4, len(space))
-        more_float, more_rows = scan(features[pending], width)
-        more = ranked(features[pending], more_rows, more_float)
-        rows_out[pending], distances_out[pending] = more.rows, more.distances
-        still = more_float[:, -1] - margins[pending] <= more.distances[:, -1]
+        still = np.zeros(len(pending), bool)
+        block = max(1, RERANK_CELLS // width)  # many exact ties could ask for every row
+        for start in range(0, len(pending), block):
+            part = pending[start:start + block]
+            more_float, more_rows = scan(features[part], width)
+            more = ranked(features[part], more_rows, more_float)
+            rows_out[part], distances_out[part] = more.rows, more.distances
+            still[start:start + block] = more_float[:, -1] - margins[part] <= more.distances[:, -1]
         pending = pending[still]
     return Neighbours(rows_out, distances_out)
 
