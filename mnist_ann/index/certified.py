@@ -434,6 +434,11 @@ class VerifiedPairs:
             parts, self._parts, self._size = self._parts, [], 0
         self._verify(parts, map)  # on this worker: the pool's other workers go on searching
 
+    def mark_hard(self, queries: np.ndarray) -> None:
+        """Mark these queries (a mask) hard before their rows come."""
+        with self._lock:
+            self.hard |= queries
+
     def finish(self, run: Map) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The k best rows and distances of each query, its rows found, and the hard
         queries (whose rows and distances are not meaningful)."""
@@ -687,7 +692,7 @@ class CertifiedSearcher(FaissSearcher):
             radius, offsets = self.bounds.range_offsets(kth, norms, projected, components)
             extended[:, components] = offsets
             if len(layout) > 1 and found.most_rows < self.ntotal:  # could find every row
-                found.hard |= needed.all(axis=0)
+                found.mark_hard(needed.all(axis=0))
             rows_within(layout, needed, extended, radius, run, found, skip=found.hard)
             rows, distances, counts, hard = found.finish(run)
         verified = first_counts + counts
