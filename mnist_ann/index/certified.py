@@ -36,10 +36,10 @@ is fast). Per query, in named steps:
    time: the k nearest among them are the exact answer, since every row left out is farther
    than τ, which is at least the true k-th distance.
 
-A query that prunes nothing (every list in play, or a sixteenth of the rows found: random
-noise) is compared with every row instead (`compare_with_every_row`, FAISS's scan, certified
-as the flat index's), and a batch asking for many first candidates goes in blocks: memory
-never grows with queries x rows.
+A query that prunes nothing (a sixteenth of the rows found, or every list in play among many
+such queries: random noise) is compared with every row instead (`compare_with_every_row`,
+FAISS's scan, certified as the flat index's), and a batch asking for many first candidates
+goes in blocks: memory never grows with queries x rows.
 
 Batches under SPLIT_BATCH queries skip the lists (their fixed cost, a few FAISS calls per
 list, outweighs what they save there) and go query by query (`point_search`): every row's
@@ -110,6 +110,12 @@ FIRST_CELLS = 1 << 22
 # own (about 6 ms for 56,000): the point path hands it over only past POINT_HARD_SHARE.
 HARD_SHARE = 1 / 16
 POINT_HARD_SHARE = 1 / 2
+# queries with every list in play go to the scan before their rows are sought only when at
+# least this many do (random noise): FAISS scans that many together by BLAS (0.8 ms a query,
+# from about 164 queries of 784 pixels on), fewer one by one (6 ms a query), which costs more
+# than the lists' path for the few real digits with every list in play (3 of the seed test
+# set, 2,390 rows verified at most)
+SCAN_BATCH = 128
 VERIFY_CELLS = 1 << 15  # candidates verified at once, padded to the longest list among them
 RADIUS_SLACK = 1e-6  # relative, and 1e-3 absolute: "at or beyond" becomes "strictly beyond"
 
@@ -691,8 +697,9 @@ class CertifiedSearcher(FaissSearcher):
             needed = lists_in_play(layout, self.bounds, minima, kth, norms, projected, run)
             radius, offsets = self.bounds.range_offsets(kth, norms, projected, components)
             extended[:, components] = offsets
-            if len(layout) > 1 and found.most_rows < self.ntotal:  # could find every row
-                found.mark_hard(needed.all(axis=0))
+            everywhere = needed.all(axis=0) if len(layout) > 1 else np.zeros(n, bool)
+            if found.most_rows < self.ntotal and everywhere.sum() >= SCAN_BATCH:
+                found.mark_hard(everywhere)  # many may find every row: scanned together
             rows_within(layout, needed, extended, radius, run, found, skip=found.hard)
             rows, distances, counts, hard = found.finish(run)
         verified = first_counts + counts
