@@ -143,6 +143,22 @@ def test_noise_is_compared_with_every_row_and_memory_stays_bounded(isolated: Pat
         point = assert_exact(knn, train, one[None], params)
         assert point["verified_max"] == len(train) and point["whole_scan_queries"] == 1
 
+    # many queries with every list in play go to the scan before any of their rows is sought
+    sought = []
+    found_rows = certified.VerifiedPairs.__call__
+
+    def seek(self, queries, counts, rows):
+        sought.append(int(counts.sum()))
+        return found_rows(self, queries, counts, rows)
+
+    monkeypatch.setattr(certified.VerifiedPairs, "__call__", seek)
+    assert assert_exact(knn, train, noise, params)["whole_scan_queries"] == len(noise)
+    assert sum(sought) > 0  # fewer than SCAN_BATCH: each found hard by its rows
+    monkeypatch.setattr(certified, "SCAN_BATCH", 10)
+    sought.clear()
+    assert assert_exact(knn, train, noise, params)["whole_scan_queries"] == len(noise)
+    assert sum(sought) == 0
+
     batches = []
     verify_pairs = certified.verify_pairs
 
