@@ -102,12 +102,12 @@ POOL_STRIDE = 32  # nearest_rows' sample of the first bounds
 CALL_CELLS = 1 << 22
 PAIR_BATCH = 1 << 22
 FIRST_CELLS = 1 << 22
-# a query with every list in play, or more rows than this share of the training set within
-# its radius, is compared with every row by FAISS's scan instead: verifying a row by its
-# pixels costs about 0.3 µs on one thread, the scan about 15 ns a row in a batch of a few
-# hundred queries or more (BLAS; 1,000 random-noise images took 15 s before, 0.7 s now; the
-# seed test digits verify 2,390 rows at most). A single query's scan reads every row on its
-# own (about 6 ms for 56,000): the point path hands it over only past POINT_HARD_SHARE.
+# a query with more rows than this share of the training set within its radius is compared
+# with every row by FAISS's scan instead: verifying a row by its pixels costs about 0.3 µs on
+# one thread, the scan about 15 ns a row in a batch of a few hundred queries or more (BLAS;
+# 1,000 random-noise images took 15 s before, 0.7 s now; the seed test digits verify 2,390
+# rows at most). A single query's scan reads every row on its own (about 6 ms for 56,000):
+# the point path hands it over only past POINT_HARD_SHARE.
 HARD_SHARE = 1 / 16
 POINT_HARD_SHARE = 1 / 2
 # queries with every list in play go to the scan before their rows are sought only when at
@@ -703,11 +703,15 @@ class CertifiedSearcher(FaissSearcher):
             rows_within(layout, needed, extended, radius, run, found, skip=found.hard)
             rows, distances, counts, hard = found.finish(run)
         verified = first_counts + counts
-        if hard.any():  # on the caller's FAISS threads
-            exact = self.compare_with_every_row(pixels[hard], k)
-            rows[hard], distances[hard] = exact.rows, exact.distances
-            verified[hard] = self.ntotal
+        self._scan_hard(pixels, k, hard, rows, distances, verified)  # the caller's threads
         return rows, distances, needed.sum(axis=0), verified, hard
+
+    def _scan_hard(self, pixels: np.ndarray, k: int, hard: np.ndarray, rows: np.ndarray,
+                   distances: np.ndarray, verified: np.ndarray) -> None:
+        """The answers of the `hard` queries, in place, by a scan of every row."""
+        if hard.any():
+            exact = self.compare_with_every_row(pixels[hard], k)
+            rows[hard], distances[hard], verified[hard] = exact.rows, exact.distances, self.ntotal
 
     def compare_with_every_row(self, pixels: np.ndarray, k: int) -> Neighbours:
         """The exact k nearest of each query by FAISS's float32 scan of every row (BLAS in a
@@ -741,17 +745,15 @@ class CertifiedSearcher(FaissSearcher):
         distances = np.empty((n, k), np.int64)
         verified = np.empty(n, np.int64)
         hard = np.zeros(n, bool)
+        most_rows = int(POINT_HARD_SHARE * self.ntotal)
         for i in range(n):
             found = point_search(self.bounds, chunks, spans, all_axes, verify, i, projected[i],
-                                 norms[i:i + 1], k, width,
-                                 int(POINT_HARD_SHARE * self.ntotal))
+                                 norms[i:i + 1], k, width, most_rows)
             if found is None:
                 hard[i] = True
             else:
                 rows[i], distances[i], verified[i] = found
-        if hard.any():
-            exact = self.compare_with_every_row(pixels[hard], k)
-            rows[hard], distances[hard], verified[hard] = exact.rows, exact.distances, self.ntotal
+        self._scan_hard(pixels, k, hard, rows, distances, verified)
         return rows, distances, self._stats(components, 1, np.ones(n, np.int64), verified, hard)
 
     @staticmethod
