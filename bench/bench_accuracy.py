@@ -1,10 +1,12 @@
-"""Accuracy and speed of raw flat, the deskew recipes and deskew-idm, on the seed and the
-standard split, with 1 and 2 threads, in one run; the published k-NN results beside them.
+"""Accuracy and speed of raw flat, the deskew and directions recipes and deskew-idm, on the
+seed and the standard split, with 1 and 2 threads, in one run; the published k-NN results
+beside them.
 
     python bench/bench_accuracy.py [--store indexes] [--collections seed std]
 
 Each collection must hold the indexes (`mnist-ann build --split standard --collection std
---index flat --index deskew-flat --index deskew-pca-ivf --index deskew-idm`, and the same for
+--index flat --index deskew-flat --index deskew-pca-ivf --index directions-ivf --index
+deskew-idm`, and the same for
 seed). Queries/s time the whole test set in one call (search, re-rank and vote, as `query`
 reports), median of `--repeats`; every setting is the recipe's default, chosen without the
 test set.
@@ -20,7 +22,7 @@ import time
 from mnist_ann import Store
 from mnist_ann.machine import describe_machine
 
-INDEXES = ("flat", "deskew-flat", "deskew-pca-ivf", "deskew-idm")
+INDEXES = ("flat", "deskew-flat", "deskew-pca-ivf", "directions-ivf", "deskew-idm")
 PUBLISHED = [  # error rates on the standard split, as their papers give them
     ("IDM, Keysers et al., IEEE PAMI 2007", 0.9946),
     ("P2DHMDM, Keysers et al., IEEE PAMI 2007", 0.9948),

@@ -178,7 +178,8 @@ def test_deskew_idm_on_the_real_seed_split(mnist, tmp_path_factory) -> None:
                      "deskew-idm", "--json", "-q")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["accuracy"] >= 0.9928, summary  # 0.99329 here; the old defaults: 0.9925
+    # the target; 0.99521 here (candidates from deskew-pca-ivf made it 0.99329)
+    assert summary["accuracy"] >= 0.9945, summary
     assert summary["idm"]["reranked"] > 0 and summary["idm"]["gated"] > 0
 
 

@@ -14,7 +14,8 @@ from scipy.ndimage import affine_transform
 
 from mnist_ann.api import Collection
 from mnist_ann.classify import vote
-from mnist_ann.data.pipeline import CENTRE, SIDE, apply_pipeline, deskew
+from mnist_ann.data import pipeline
+from mnist_ann.data.pipeline import CENTRE, SIDE, apply_pipeline, deskew, directions
 from mnist_ann.evaluation.metrics import recall
 from mnist_ann.index.build import build_indexes
 from mnist_ann.index.layers import transforms_of
@@ -92,6 +93,71 @@ def test_deskew_of_empty_and_blank_images(digits) -> None:
     assert deskew(np.zeros((0, 784), np.uint8)).shape == (0, 784)
     blank = deskew(np.zeros((3, 784), np.uint8))
     assert np.all(blank == 0)
+
+
+def directions_reference(image: np.ndarray) -> np.ndarray:
+    """The gradient direction features of one image by the definition, pixel by pixel."""
+    import math
+
+    n_dir, grid = pipeline.DIRECTIONS, pipeline.GRID
+    x = np.pad(image.reshape(SIDE, SIDE).astype(np.float64) / 255, 1)
+    unit = 2 * math.pi / n_dir
+    planes = np.zeros((n_dir, SIDE, SIDE))
+    for r in range(SIDE):
+        for c in range(SIDE):
+            w = x[r:r + 3, c:c + 3]  # the 3x3 window around (r, c)
+            gx = (w[:, 2] - w[:, 0]) @ [1, 2, 1]  # Sobel, x to the right
+            gy = [1, 2, 1] @ (w[2] - w[0])  # y downwards
+            if gx == 0 and gy == 0:
+                continue
+            angle = math.atan2(gy, gx) % (2 * math.pi)
+            below = int(angle // unit) % n_dir
+            rest = angle - below * unit
+            # g = a·u_below + b·u_above, solved for a and b (the law of sines)
+            magnitude = math.hypot(gx, gy)
+            planes[below, r, c] += magnitude * math.sin(unit - rest) / math.sin(unit)
+            planes[(below + 1) % n_dir, r, c] += magnitude * math.sin(rest) / math.sin(unit)
+    span = SIDE + 4
+    sigma = span / grid / 2
+    centres = [(i + 0.5) * span / grid - 0.5 - 2 for i in range(grid)]
+    out = np.zeros((n_dir, grid, grid))
+    for d in range(n_dir):
+        for i, cy in enumerate(centres):
+            for j, cx in enumerate(centres):
+                total = 0.0
+                for r in range(SIDE):
+                    for c in range(SIDE):
+                        weight = math.exp(-((r - cy) ** 2 + (c - cx) ** 2) / (2 * sigma**2))
+                        total += weight * planes[d, r, c]
+                out[d, i, j] = total ** pipeline.POWER
+    return out.reshape(-1)
+
+
+def test_directions_match_the_definition(digits) -> None:
+    rng = np.random.default_rng(5)
+    images = np.concatenate([deskew(digits[0][:3]), rng.integers(0, 256, (2, 784))])
+    ours = directions(images)
+    assert ours.shape == (5, pipeline.DIRECTIONS * pipeline.GRID**2) and ours.dtype == np.float32
+    for image, features in zip(images, ours, strict=True):
+        np.testing.assert_allclose(features, directions_reference(image), rtol=1e-3, atol=1e-3)
+    # blocks change nothing, and a blank image has no edges
+    single = np.concatenate([directions(images[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(single, ours, rtol=1e-6)
+    assert np.all(directions(np.zeros((2, 784))) == 0)
+
+
+def test_an_edge_lands_in_the_plane_of_its_direction() -> None:
+    image = np.zeros((SIDE, SIDE))
+    image[6:22, 14:22] = 255  # a bright bar: its left edge faces right, its right edge left
+    planes = directions(image.reshape(1, -1)).reshape(pipeline.DIRECTIONS, -1).sum(1)
+    opposite = pipeline.DIRECTIONS // 2
+    quarter = pipeline.DIRECTIONS // 4
+    assert planes[0] > 0 and planes[opposite] > 0  # +x and -x
+    assert planes[quarter] > 0 and planes[3 * quarter] > 0  # the top and bottom edges
+    # the long sides (16 pixels) outweigh the short ones (8) and any slanted direction
+    assert planes[0] > planes[quarter] and planes[0] > 2 * planes[1]
+    turned = directions(image.T.reshape(1, -1)).reshape(pipeline.DIRECTIONS, -1).sum(1)
+    np.testing.assert_allclose(turned[quarter], planes[0], rtol=1e-5)  # x and y swapped
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,73 @@ def deskew(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-STEPS = {"deskew": deskew}
+# Gradient direction planes (Liu et al., Pattern Recognition 2003): each pixel's Sobel gradient
+# split between the two nearest of DIRECTIONS directions, each plane blurred and sampled on a
+# GRID x GRID grid, then raised to POWER. Chosen on 14,000 seed training rows held out one at
+# a time (k-NN on the features after L2norm and PCA64; tests never): 12 directions, an 8x8
+# grid and a power of 0.4 made 87 errors (k=3), 8 directions on 10x10 at 0.5 made 96, 4
+# directions 180, and the deskewed pixels' own PCA48 about twice as many.
+DIRECTIONS = 12
+GRID = 8
+POWER = 0.4
+_MARGIN = 2  # the grid spans the image and 2 pixels of border on each side
+
+
+def _grid_weights() -> np.ndarray:
+    """[GRID, SIDE]: a Gaussian around each grid point, over the image's rows (or columns)."""
+    span = SIDE + 2 * _MARGIN
+    centres = (np.arange(GRID) + 0.5) * span / GRID - 0.5 - _MARGIN
+    sigma = span / GRID / 2
+    return np.exp(-0.5 * ((_AXIS[None, :] - centres[:, None]) / sigma) ** 2).astype(np.float32)
+
+
+_GRID_WEIGHTS = _grid_weights()
+# [784, GRID²]: each pixel's weight in each grid point (the blur and the sampling in one)
+_SAMPLING = np.einsum("ay,bx->yxab", _GRID_WEIGHTS, _GRID_WEIGHTS).reshape(N_PIXELS, -1)
+_UNIT = np.float32(2 * np.pi / DIRECTIONS)
+_SIN_UNIT = np.sin(_UNIT)
+
+
+def _directions_block(images: np.ndarray, planes: np.ndarray) -> np.ndarray:
+    """The features of a block of images; `planes` is zero and left zero (fresh zeros for each
+    block cost more in page faults than everything else together)."""
+    n = len(images)
+    pixels = images.reshape(-1, SIDE, SIDE).astype(np.float32)
+    padded = np.pad(pixels, ((0, 0), (1, 1), (1, 1)))
+    down = padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]
+    across = padded[:, :, :-2] + 2 * padded[:, :, 1:-1] + padded[:, :, 2:]
+    gx = (down[:, :, 2:] - down[:, :, :-2]).reshape(-1)
+    gy = (across[:, 2:, :] - across[:, :-2, :]).reshape(-1)
+    edge = np.flatnonzero((gx != 0) | (gy != 0))  # about 2 pixels in 5 of a digit
+    gx, gy = gx[edge], gy[edge]
+    magnitude = np.hypot(gx, gy) / (255 * _SIN_UNIT)
+    sector = np.arctan2(gy, gx) / _UNIT
+    below = np.floor(sector)
+    fraction = sector - below
+    below = below.astype(np.intp)
+    # the gradient as the sum of its two neighbouring directions' unit vectors (a
+    # parallelogram), written into planes [n, DIRECTIONS, 784]
+    image, pixel = np.divmod(edge, N_PIXELS)
+    at = image * (DIRECTIONS * N_PIXELS) + pixel
+    first, second = at + below % DIRECTIONS * N_PIXELS, at + (below + 1) % DIRECTIONS * N_PIXELS
+    planes[first] = np.sin((1 - fraction) * _UNIT) * magnitude
+    planes[second] = np.sin(fraction * _UNIT) * magnitude
+    sampled = planes[:n * DIRECTIONS * N_PIXELS].reshape(n * DIRECTIONS, N_PIXELS) @ _SAMPLING
+    planes[first] = planes[second] = 0
+    return (np.maximum(sampled, 0) ** POWER).reshape(n, -1)
+
+
+def directions(images: np.ndarray) -> np.ndarray:
+    """Gradient direction features (float32 [n, DIRECTIONS·GRID²]) of 28x28 images [n, 784]
+    with values in 0-255: where the strokes' edges lie and which way they face, blurred."""
+    out = np.empty((len(images), DIRECTIONS * GRID * GRID), np.float32)
+    planes = np.zeros(BLOCK * DIRECTIONS * N_PIXELS, np.float32)
+    for start in range(0, len(images), BLOCK):
+        out[start:start + BLOCK] = _directions_block(images[start:start + BLOCK], planes)
+    return out
+
+
+STEPS = {"deskew": deskew, "directions": directions}
 
 
 def check_pipeline(steps: tuple[str, ...] | list[str]) -> tuple[str, ...]:
