@@ -165,7 +165,8 @@ def real(digits, tmp_path_factory: pytest.TempPathFactory) -> Collection:
     store = tmp_path_factory.mktemp("pipeline-store")
     collection = make_collection(store, "mini", *digits)
     build_indexes(collection, [resolve_recipe(name, len(collection.train()))
-                               for name in ("flat", "deskew-flat", "deskew-pca-ivf")], threads=2)
+                               for name in ("flat", "deskew-flat", "deskew-pca-ivf",
+                                            "directions-ivf")], threads=2)
     return Collection.open(store, "mini")
 
 
@@ -206,18 +207,23 @@ def test_cli_query_applies_the_index_pipeline(real: Collection, tmp_path: Path) 
     assert differs > 0.3
 
 
-def test_pca_index_ranks_in_its_own_space_and_is_exact_at_full_probe(real: Collection) -> None:
-    knn = real.searcher("deskew-pca-ivf")
-    assert knn.space.description == "deskew → L2norm → PCA48"
+@pytest.mark.parametrize(("name", "steps", "dimension"), [
+    ("deskew-pca-ivf", ("deskew",), 48),
+    ("directions-ivf", ("deskew", "directions"), 64),
+])
+def test_pca_index_ranks_in_its_own_space_and_is_exact_at_full_probe(
+        real: Collection, name: str, steps: tuple[str, ...], dimension: int) -> None:
+    knn = real.searcher(name)
+    assert knn.space.description == " → ".join([*steps, "L2norm", f"PCA{dimension}"])
     test = real.test()
     features = knn.space.embed(test.pixels)
-    assert features.shape == (len(test), 48)
-    expected = apply_pipeline(("deskew",), test.pixels)
+    assert features.shape == (len(test), dimension)
+    expected = apply_pipeline(steps, test.pixels)
     for transform in transforms_of(knn.owner):
         expected = transform.apply(expected)
     np.testing.assert_array_equal(features, expected)
     true_distances, _ = brute_force(knn.space.features, features, 7)
-    nlist = real.indexes["deskew-pca-ivf"]["build_args"]["nlist"]
+    nlist = real.indexes[name]["build_args"]["nlist"]
     everything = knn.search(test.pixels, 7, {"nprobe": nlist})
     assert recall(everything.distances, true_distances, 7) == 1.0
     low = knn.search(test.pixels, 7, {"nprobe": 1})
