@@ -189,27 +189,28 @@ def deskew_pca_hnsw_recipe(n_train: int, dimension: int) -> Recipe:
                   rank_space="index", focus_grid={"efSearch": [16, 32, 64]})
 
 
-def deskew_pca_ivf_recipe(n_train: int, dimension: int) -> Recipe:
-    _needs_images("deskew-pca-ivf", dimension)
+def _pipeline_ivf_recipe(name: str, transforms: str, pipeline: tuple[str, ...],
+                         n_train: int, dimension: int) -> Recipe:
+    """IVF over a pipeline's features after `transforms`, ranked in that space; nprobe 16."""
+    _needs_images(name, dimension)
     nlist = fitted_nlist(n_train)
     grid = nprobe_grid(nlist)
-    return Recipe("deskew-pca-ivf", f"{DESKEW_PCA},IVF{nlist},Flat", {"nlist": nlist},
+    return Recipe(name, f"{transforms},IVF{nlist},Flat", {"nlist": nlist},
                   {"nprobe": min(16, nlist)}, {"nprobe": grid},
-                  pipeline=("deskew",), rank_space="index",
+                  pipeline=pipeline, rank_space="index",
                   focus_grid={"nprobe": _within(grid, [4, 16, 64])})
+
+
+def deskew_pca_ivf_recipe(n_train: int, dimension: int) -> Recipe:
+    return _pipeline_ivf_recipe("deskew-pca-ivf", DESKEW_PCA, ("deskew",), n_train, dimension)
 
 
 def directions_ivf_recipe(n_train: int, dimension: int) -> Recipe:
     """IVF over the deskewed digits' gradient directions (pipeline.directions), ranked in
     their L2norm,PCA64 space. nprobe 16: what `tune --recall 0.99` chooses on the seed
     split's held-out training rows."""
-    _needs_images("directions-ivf", dimension)
-    nlist = fitted_nlist(n_train)
-    grid = nprobe_grid(nlist)
-    return Recipe("directions-ivf", f"{DIRECTIONS_PCA},IVF{nlist},Flat", {"nlist": nlist},
-                  {"nprobe": min(16, nlist)}, {"nprobe": grid},
-                  pipeline=DIRECTIONS_PIPELINE, rank_space="index",
-                  focus_grid={"nprobe": _within(grid, [4, 16, 64])})
+    return _pipeline_ivf_recipe("directions-ivf", DIRECTIONS_PCA, DIRECTIONS_PIPELINE,
+                                n_train, dimension)
 
 
 def deskew_idm_recipe(n_train: int, dimension: int) -> Recipe:
