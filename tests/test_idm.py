@@ -418,6 +418,21 @@ def test_the_rerank_truths_are_the_exact_ranking_by_idm() -> None:
     assert list(pool.rows[0][:2]) == [5, 6]  # equal distances, the smaller row first
 
 
+def test_the_service_answers_at_the_index_own_k_like_query(idm_collection) -> None:
+    from mnist_ann.serve.service import ClassifyService
+
+    service = ClassifyService(idm_collection, ["deskew-idm", "flat"])
+    k = idm_collection.searcher("deskew-idm").default_k
+    assert k != 7  # else this test could not tell the index's k from the study's
+    assert [d["k"] for d in service.indexes()["indexes"]] == [k, 7]
+    test = idm_collection.test()
+    answered = service.classify(service.request(test.pixels))
+    expected = idm_collection.classifier("deskew-idm").classify(test.pixels)
+    assert {result["k"] for result in answered} == {k}
+    assert [result["prediction"] for result in answered] == expected.predictions.tolist()
+    assert service.classify(service.request(test.pixels[:1], k=5))[0]["k"] == 5
+
+
 def test_the_report_measures_deskew_idm_and_rejection(idm_collection, tmp_path) -> None:
     from mnist_ann.evaluation.metrics import fewest_rejections, recall
     from mnist_ann.evaluation.truth import rerank_pool_truth

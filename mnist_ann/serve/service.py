@@ -159,7 +159,7 @@ class ClassifyService:
         classifier = self.classifiers[name]
         return {"name": name, "recipe": entry.get("recipe"), "factory": entry.get("factory"),
                 "space": classifier.space, "ntotal": classifier.searcher.ntotal,
-                "params": dict(classifier.effective_params),
+                "k": classifier.k, "params": dict(classifier.effective_params),
                 "parameters": sorted(classifier.searcher.parameters({}))}
 
     def classify_json(self, body: bytes) -> dict:
@@ -228,7 +228,7 @@ class ClassifyService:
         if not isinstance(index, str) or index not in self.classifiers:
             raise Problem(404, "Unknown index", f"index {index!r} is not served; served: "
                                                 f"{', '.join(self.classifiers)}")
-        k = 7 if k is None else k
+        k = self.classifiers[index].k if k is None else k  # the index's own, as `query`
         if isinstance(k, str) and k.isdigit():
             k = int(k)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
