@@ -17,6 +17,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from mnist_ann.data.pipeline import deskew, sobel
+
 SIDE = 28
 WARP = 2
 CONTEXT = 1  # a 3x3 context (the compiled kernel's box sums are written out for it)
@@ -26,12 +28,7 @@ FAR = np.float32(1e30)  # the compiled kernel's "not allowed": far above any IDM
 
 def gradient_features(images: np.ndarray) -> np.ndarray:
     """Sobel gradients [n, 2, 28, 28] float32 of images [n, 784] (or [n, 28, 28])."""
-    pixels = images.reshape(-1, SIDE, SIDE).astype(np.float32) / 255.0
-    padded = np.pad(pixels, ((0, 0), (1, 1), (1, 1)))
-    rows = padded[:, :-2] + 2 * padded[:, 1:-1] + padded[:, 2:]  # smoothed down the rows
-    cols = padded[:, :, :-2] + 2 * padded[:, :, 1:-1] + padded[:, :, 2:]
-    gx = rows[:, :, 2:] - rows[:, :, :-2]
-    gy = cols[:, 2:, :] - cols[:, :-2, :]
+    gx, gy = sobel(images.reshape(-1, SIDE, SIDE).astype(np.float32) / 255.0)
     return np.ascontiguousarray(np.stack([gx, gy], axis=1), dtype=np.float32)
 
 
@@ -210,8 +207,6 @@ class IdmSearcher:
 
     def __init__(self, base, train_pixels: np.ndarray, labels: np.ndarray,
                  defaults: dict, name: str) -> None:
-        from mnist_ann.data.pipeline import deskew
-
         # the base searcher keeps its own defaults (nprobe, ...), not the re-rank's
         self.base = base.with_defaults({key: value for key, value in defaults.items()
                                         if key not in (POOL, GATE, VOTE_K)})
@@ -287,8 +282,6 @@ class IdmSearcher:
         where a row is -1), on as many threads as FAISS is set to use: the kernel releases
         the GIL."""
         import faiss
-
-        from mnist_ann.data.pipeline import deskew
 
         query_features = gradient_features(deskew(queries))
         scores = np.full(rows.shape, np.inf)
