@@ -9,7 +9,7 @@ RUN_INDEXES := flat ivf hnsw pca-hnsw exact-pca deskew-pca-ivf
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml mnist_ann/_kernels.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
@@ -22,7 +22,7 @@ $(VENV)/.installed-peers: $(VENV)/.installed
 	$(BIN)/python -m pip install -q '$(PEERS)'
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml mnist_ann/_kernels.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 

@@ -59,8 +59,9 @@ def main() -> None:
         build_indexes(collection, [resolve_recipe("exact-pca", len(train))], log=log)
     machine = describe_machine()
     print(f"machine: {machine['cpu']} ({machine['cores']} cores), faiss {machine['faiss']} "
-          f"({machine['faiss_simd']}), numpy {machine['numpy']}, scikit-learn "
-          f"{machine['scikit-learn']}; {args.threads} threads for every method; "
+          f"({machine['faiss_simd']}), mnist-ann kernels {machine['kernels']}, numpy "
+          f"{machine['numpy']}, scikit-learn {machine['scikit-learn']}; {args.threads} threads "
+          "for every method; "
           f"{len(test):,} queries, k=7")
 
     log("scikit-learn predict (one run)")

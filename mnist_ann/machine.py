@@ -1,4 +1,4 @@
-"""What a measurement ran on: CPU, cores, library versions, FAISS's SIMD level, BLAS."""
+"""What a measurement ran on: CPU, cores, library versions, SIMD levels, BLAS."""
 
 from __future__ import annotations
 
@@ -39,15 +39,20 @@ def blas_description() -> str:
 
 
 def describe_machine() -> dict:
-    """CPU, cores, and the versions and SIMD level of what does the arithmetic."""
+    """CPU, cores, and the versions and SIMD levels of what does the arithmetic (FAISS's, and
+    the instruction set of mnist-ann's compiled kernels)."""
     import faiss
     import numpy as np
     import sklearn
 
+    from mnist_ann.kernels import kernels
+
+    compiled = kernels()
     return {"cpu": cpu_model(), "cores": default_threads(), "python": platform.python_version(),
             "numpy": np.__version__, "blas": blas_description(),
             "scikit-learn": sklearn.__version__, "faiss": faiss.__version__,
-            "faiss_simd": simd_level()}
+            "faiss_simd": simd_level(),
+            "kernels": compiled.name if compiled is not None else "none (not built)"}
 
 
 def peak_memory_mb() -> float:

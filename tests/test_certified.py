@@ -7,6 +7,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 from helpers import clustered_digits, exact_knn, make_collection, run_cli
 
 from mnist_ann.api import Collection
@@ -226,9 +227,13 @@ def test_the_margin_holds_where_raw_float_bounds_overshoot(isolated: Path) -> No
     assert np.median(np.diff(limits)) < len(train) / 4  # and still tight enough to prune
 
 
-def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path,
-                                                             monkeypatch) -> None:
-    """Many rows at exactly the k-th distance, found in float32 on either side of it."""
+@pytest.mark.parametrize("bounds", ["integer", "float32"])
+def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path, monkeypatch,
+                                                             bounds: str) -> None:
+    """Many rows at exactly the k-th distance, found in float32 on either side of it.
+
+    The margin covers the rounding of the projections themselves, which both forms of the
+    batch steps start from: the integer bounds' quantization errors do not cover it."""
     rng = np.random.default_rng(11)
     centre = np.full(784, 100, np.int64)
     pixels = rng.choice(784, 90, replace=False)
@@ -241,6 +246,9 @@ def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path,
     train = collection.train().pixels
     build_indexes(collection, [resolve_recipe("exact-pca", len(train))], threads=2)
     knn = Collection.open(isolated / "store", "c").searcher("exact-pca")
+    assert knn.integer is not None
+    if bounds == "float32":
+        knn.integer = None
     query = centre[None].astype(np.uint8)
     params = {"components": 128, "candidates": 64}
     assert_exact(knn, train, query, params, k=7)
@@ -253,6 +261,7 @@ def test_without_the_margin_ties_would_be_certified_wrongly(isolated: Path,
     # rounded across 144; a single query's direct sums of squared differences round less)
     batch = np.repeat(query, 64, axis=0)
     found = knn.search(batch, 7, params)
+    assert found.stats["bounds"].startswith(bounds)
     true_distances, true_rows = exact_knn(train, query, 7)
     assert np.all(true_distances == 144)
     # rows computed a hair above 144 are left out as "beyond the 7th distance": wrong rows

@@ -12,7 +12,7 @@ import mnist_ann
 PACKAGE = Path(mnist_ann.__file__).parent
 # lower layers first; a module may import its own layer and those below it
 LAYERS = [
-    {"errors", "runtime", "fileio", "machine"},
+    {"errors", "runtime", "fileio", "machine", "kernels"},
     {"data"},
     {"store"},
     {"index"},

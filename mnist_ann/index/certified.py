@@ -36,6 +36,13 @@ is fast). Per query, in named steps:
    time: the k nearest among them are the exact answer, since every row left out is farther
    than τ, which is at least the true k-th distance.
 
+Steps 1-4 come in two forms with the same answers. `IntegerSteps` works on integer bounds by
+the compiled kernels (integer_bounds.py), where the extension is built and the setting is whole
+chunks of 16 axes, at least 32, with at most 256 first candidates: each list's minimum is taken
+on the first 32 axes at once, and the rows are found by a cascade of stops (16, 32, 64, ...,
+`components` axes) instead of one range search. `FloatSteps` works on FAISS's float32
+distances, as above, everywhere else.
+
 A query that prunes nothing (a sixteenth of the rows found, or every list in play among many
 such queries: random noise) is compared with every row instead (`compare_with_every_row`,
 FAISS's scan, certified as the flat index's), and a batch asking for many first candidates
@@ -60,7 +67,10 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 import numpy as np
 
+from mnist_ann import kernels
 from mnist_ann.errors import InvalidArgument
+from mnist_ann.index import integer_bounds
+from mnist_ann.index.integer_bounds import CHUNK_AXES, MINIMA_AXES, IntegerLayout
 from mnist_ann.index.layers import flat_vectors
 from mnist_ann.index.neighbours import MISSING, Neighbours, order_exactly
 from mnist_ann.index.recipes import CANDIDATES, COMPONENTS, EXACT_PCA_CANDIDATES
@@ -202,6 +212,13 @@ class LowerBounds:
         too_far = offsets.astype(np.float64) ** 2 > squared
         offsets[too_far] = np.nextafter(offsets[too_far], np.float32(0))
         return float(radius), offsets
+
+    def projected_radii(self, kth_distances: np.ndarray, query_squared_norms: np.ndarray,
+                        projected: np.ndarray, stops: Sequence[int]) -> np.ndarray:
+        """Per query and m in `stops` [n, len(stops)]: the exact distance between projections
+        on the first m axes beyond which a row is certainly farther than `kth_distances`."""
+        return self._needed(kth_distances[:, None], query_squared_norms[:, None], projected,
+                            stops)[1]
 
     def _needed(self, kth_distances: np.ndarray, query_squared_norms: np.ndarray,
                 projected: np.ndarray, stops: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -406,6 +423,89 @@ def rows_within(layout: Lists, needed: np.ndarray, extended: np.ndarray, radius:
         return []
 
     each_list(run, len(layout), within)
+
+
+class FloatSteps:
+    """Steps 1-4 of one block of queries by FAISS's float32 distances (any setting)."""
+
+    def __init__(self, layout: Lists, bounds: LowerBounds, projected: np.ndarray,
+                 norms: np.ndarray, width: int) -> None:
+        self.layout, self.bounds, self.projected, self.norms = layout, bounds, projected, norms
+        self.width = width
+        self.components = projected.shape[1]
+        self.extended = np.zeros((len(projected), self.components + 1), np.float32)
+        self.extended[:, :self.components] = projected  # the extra coordinate 0 for now
+
+    def first_candidates(self, run: Map) -> tuple[np.ndarray, np.ndarray]:
+        """Steps 1 and 2: (query, row) pairs to verify first."""
+        self.minima = list_minima(self.layout, self.projected, run)
+        return nearest_in_best_lists(self.layout, self.minima, self.extended, self.width, run)
+
+    def lists_in_play(self, kth: np.ndarray, run: Map) -> np.ndarray:
+        """Step 3, given the k-th distances of the first candidates."""
+        needed = lists_in_play(self.layout, self.bounds, self.minima, kth, self.norms,
+                               self.projected, run)
+        self.radius, offsets = self.bounds.range_offsets(kth, self.norms, self.projected,
+                                                         self.components)
+        self.extended[:, self.components] = offsets
+        return needed
+
+    def seek(self, needed: np.ndarray, run: Map, found: Found, skip: np.ndarray) -> None:
+        """Step 4."""
+        rows_within(self.layout, needed, self.extended, self.radius, run, found, skip)
+
+
+class IntegerSteps:
+    """Steps 1-4 of one block of queries on integer bounds (integer_bounds's kernels): the
+    lists' minima on the first 32 axes, the first candidates nearest on all axes in the best
+    lists, and, in the lists in play, the rows within every stop's threshold (16, 32, 64, ...
+    axes; a row is dropped at the first it exceeds)."""
+
+    def __init__(self, integer: IntegerLayout, layout: Lists, bounds: LowerBounds,
+                 projected: np.ndarray, norms: np.ndarray, width: int, parts: int) -> None:
+        self.integer, self.layout, self.bounds = integer, layout, bounds
+        self.projected, self.norms, self.width, self.parts = projected, norms, width, parts
+        self.components = projected.shape[1]
+        self.stops = point_stops(self.components)
+        self.queries = integer.quantize(projected)
+
+    @staticmethod
+    def fits(integer: IntegerLayout | None, components: int, width: int) -> bool:
+        """Whether the kernels serve this setting (whole chunks of 16 axes, at least 32)."""
+        return (integer is not None and components % CHUNK_AXES == 0
+                and MINIMA_AXES <= components <= integer.axes
+                and width <= integer_bounds.MAX_WIDTH)
+
+    def first_candidates(self, run: Map) -> tuple[np.ndarray, np.ndarray]:
+        self.minima = self.integer.list_minima(self.queries, run, self.parts)
+        first_lists, _ = first_columns(self.layout, self.width)
+        best = np.argpartition(self.minima, first_lists - 1, axis=0)[:first_lists] \
+            if first_lists < len(self.layout) else np.argsort(self.minima, axis=0)
+        rows = self.integer.nearest(self.queries, best.T, self.width, self.components, run,
+                                    self.parts)
+        present = rows >= 0
+        return np.repeat(np.arange(len(rows)), present.sum(axis=1)), rows[present]
+
+    def lists_in_play(self, kth: np.ndarray, run: Map) -> np.ndarray:
+        needed = self.bounds.projected_radii(kth, self.norms, self.projected, self.stops)
+        thresholds = self.integer.thresholds(needed, self.queries, self.stops)
+        self.limits = self.integer.limits(thresholds, self.queries, self.stops)
+        return self.minima <= thresholds[:, self.stops.index(MINIMA_AXES)][None, :]
+
+    def seek(self, needed: np.ndarray, run: Map, found: Found, skip: np.ndarray) -> None:
+        def within(j: int) -> list:
+            asked = np.flatnonzero(needed[j])
+            asked = asked[~skip[asked]]
+            step = max(1, CALL_CELLS // int(self.layout.sizes[j]))
+            for start in range(0, len(asked), step):
+                query_of, rows = self.integer.within(j, self.queries, asked[start:start + step],
+                                                     self.limits, self.stops)
+                if len(rows):  # grouped by query, in order
+                    firsts = np.flatnonzero(np.diff(query_of, prepend=-1))
+                    found(query_of[firsts], np.diff(firsts, append=len(rows)), rows)
+            return []
+
+        each_list(run, len(self.layout), within)
 
 
 class VerifiedPairs:
@@ -631,12 +731,18 @@ class CertifiedSearcher(FaissSearcher):
         self.layouts = {True: Lists.by_kmeans(self.bounds.projected,
                                               min(SPAN_AXES, dimension)),
                         False: Lists(self.bounds.projected, [np.arange(self.ntotal)])}
-        components = self.parameters()[COMPONENTS]
+        defaults = self.parameters()
+        components = defaults[COMPONENTS]
         split = self.layouts[True]
-        split.indexes(0, components, extra=True)
-        split.indexes(0, spans_of(components)[0][1], extra=False)
-        for start, stop in spans_of(components)[1:]:
-            split.vectors(start, stop)
+        compiled = kernels.kernels()
+        # the batch search's bounds in integers where the extension is built, else by FAISS
+        self.integer = (IntegerLayout(self.bounds.projected, split.members, compiled)
+                        if compiled is not None else None)
+        if not IntegerSteps.fits(self.integer, components, defaults[CANDIDATES]):
+            split.indexes(0, components, extra=True)
+            split.indexes(0, spans_of(components)[0][1], extra=False)
+            for start, stop in spans_of(components)[1:]:
+                split.vectors(start, stop)
         _ = space.float32  # the verification's sums
 
     def _complete(self, checked: dict) -> dict:
@@ -672,7 +778,10 @@ class CertifiedSearcher(FaissSearcher):
                  for start in range(0, len(pixels), block)]
         rows, distances, scanned, verified, whole = (np.concatenate(part)
                                                      for part in zip(*parts, strict=True))
-        return rows, distances, self._stats(components, len(layout), scanned, verified, whole)
+        bounds = (f"integer ({self.integer.kernels.name})"
+                  if IntegerSteps.fits(self.integer, components, width) else "float32 (faiss)")
+        return rows, distances, self._stats(components, len(layout), scanned, verified, whole,
+                                            bounds)
 
     def _list_search(self, pixels: np.ndarray, k: int, components: int, width: int,
                      threads: int) -> tuple[np.ndarray, ...]:
@@ -682,25 +791,24 @@ class CertifiedSearcher(FaissSearcher):
         n = len(pixels)
         norms = squared_norms(pixels)
         projected = self.bounds.project(pixels, components)
-        extended = np.zeros((n, components + 1), np.float32)  # the extra coordinate 0 for now
-        extended[:, :components] = projected
+        if IntegerSteps.fits(self.integer, components, width):
+            steps = IntegerSteps(self.integer, layout, self.bounds, projected, norms, width,
+                                 parts=4 * threads)
+        else:
+            steps = FloatSteps(layout, self.bounds, projected, norms, width)
         verify = self._verify(pixels)
         found = VerifiedPairs(n, k, verify, int(HARD_SHARE * self.ntotal))
-        # many small FAISS calls, several at once, each on one thread
+        # many small calls (FAISS's or the kernels'), several at once, each on one thread
         with ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads,
                                 initargs=(1,)) as pool:
             run = pool.map
-            minima = list_minima(layout, projected, run)
-            query_of, row_of = nearest_in_best_lists(layout, minima, extended, width, run)
+            query_of, row_of = steps.first_candidates(run)
             _, first, first_counts = verify_pairs(run, verify, n, query_of, row_of, k)
-            kth = first[:, k - 1].astype(np.float64)
-            needed = lists_in_play(layout, self.bounds, minima, kth, norms, projected, run)
-            radius, offsets = self.bounds.range_offsets(kth, norms, projected, components)
-            extended[:, components] = offsets
+            needed = steps.lists_in_play(first[:, k - 1].astype(np.float64), run)
             everywhere = needed.all(axis=0) if len(layout) > 1 else np.zeros(n, bool)
             if found.most_rows < self.ntotal and everywhere.sum() >= SCAN_BATCH:
                 found.mark_hard(everywhere)  # many may find every row: scanned together
-            rows_within(layout, needed, extended, radius, run, found, skip=found.hard)
+            steps.seek(needed, run, found, skip=found.hard)
             rows, distances, counts, hard = found.finish(run)
         verified = first_counts + counts
         self._scan_hard(pixels, k, hard, rows, distances, verified)  # the caller's threads
@@ -754,12 +862,13 @@ class CertifiedSearcher(FaissSearcher):
             else:
                 rows[i], distances[i], verified[i] = found
         self._scan_hard(pixels, k, hard, rows, distances, verified)
-        return rows, distances, self._stats(components, 1, np.ones(n, np.int64), verified, hard)
+        return rows, distances, self._stats(components, 1, np.ones(n, np.int64), verified, hard,
+                                            "float32 (faiss)")
 
     @staticmethod
     def _stats(components: int, lists: int, scanned: np.ndarray, verified: np.ndarray,
-               whole: np.ndarray) -> dict:
-        return {"components": components, "lists": lists,
+               whole: np.ndarray, bounds: str) -> dict:
+        return {"components": components, "bounds": bounds, "lists": lists,
                 "lists_scanned_median": percentile(scanned, 50),
                 "verified_median": percentile(verified, 50),
                 "verified_p99": percentile(verified, 99),

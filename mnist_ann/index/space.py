@@ -19,6 +19,7 @@ from mnist_ann.data.pipeline import apply_pipeline
 from mnist_ann.errors import DataError, InvalidArgument
 from mnist_ann.index.layers import describe_transform
 from mnist_ann.index.neighbours import MISSING
+from mnist_ann.kernels import kernels
 
 RERANK_CHUNK = 1024
 NORM_CHUNK = 8192
@@ -28,6 +29,7 @@ FEATURE_BLOCK = 8192  # training rows through a pipeline at a time: bounded memo
 FLOAT32_EXACT_LIMIT = 2**24
 # integers up to this size are exact in float32, and their squared distances fit int64
 MAX_EXACT_INTEGER = 2**15
+MAX_KERNEL_DIMENSION = 33_000  # uint8 vectors whose squared distances fit the kernel's int32
 
 
 def squared_norms(vectors: np.ndarray) -> np.ndarray:
@@ -75,6 +77,26 @@ def _integer_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray)
                 - queries[block, None, :].astype(diff_type))
         squared = np.einsum("ncd,ncd->nc", diff, diff, dtype=sum_type).astype(np.int64)
         result[block] = np.where(candidates >= 0, squared, MISSING)
+    return result
+
+
+def _compiled_distances(train: np.ndarray, queries: np.ndarray,
+                        rows: np.ndarray) -> np.ndarray | None:
+    """Exact squared distances [n, c] between uint8 rows and queries by the compiled kernel
+    (about 10 times FAISS's float32 sums here, reading a quarter of the bytes), MISSING where
+    a row is -1; None without the kernels."""
+    compiled = kernels()
+    if compiled is None or train.shape[1] > MAX_KERNEL_DIMENSION or not rows.size:
+        return None
+    train, queries = np.ascontiguousarray(train), np.ascontiguousarray(queries)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if rows.max() >= len(train):
+        raise ValueError(f"row {rows.max()} is past the {len(train)} training rows")
+    result = np.empty(rows.shape, np.int64)
+    compiled.pixel_distances(train.ctypes.data, train.shape[1], queries.ctypes.data,
+                             rows.ctypes.data, rows.shape[1], 0, len(queries),
+                             result.ctypes.data)
+    result[rows < 0] = MISSING
     return result
 
 
@@ -186,6 +208,10 @@ class RankingSpace:
             if self.dtype == np.float32:
                 return float32_distances(self.features, features, rows)
             return _float64_distances(self.features, features, rows)
+        if sums is None and self.dtype == np.uint8 and features.dtype == np.uint8:
+            exact = _compiled_distances(self.features, features, rows)
+            if exact is not None:
+                return exact
         if sums is None:
             sums = float32_distances(self.float32, features, rows)
         result = np.where(rows >= 0, sums, 0).astype(np.int64)
