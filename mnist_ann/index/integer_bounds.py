@@ -33,7 +33,7 @@ MAX_WIDTH = 256  # nearest_in_lists keeps at most this many rows a query (_kerne
 ALIGNMENT = 64  # AVX-512 loads
 PADDING_NORM = 1 << 29  # a padding row's -|x|²: never within reach of a limit
 THRESHOLD_SLACK = 1e-9  # relative, on the float64 arithmetic of the thresholds
-QUANTIZE_ROWS = 8192  # rows quantized at a time (float64 copies): bounded memory at load
+QUANTIZE_ROWS = 2048  # rows quantized at a time (float64 copies): bounded, and few pages to map
 
 Map = Callable[..., Iterator]
 
@@ -121,11 +121,17 @@ class IntegerLayout:
 
     def quantize(self, projected: np.ndarray) -> QuantizedQueries:
         """Queries' projections [n, m ≤ axes] (float32), quantized as the rows."""
-        quantized, errors = self._quantize(projected)
-        integers = quantized.astype(np.int64)
+        n = len(projected)
+        doubled = _aligned(np.zeros((n, self.axes), np.int16))
+        norms = np.empty((n, self.chunks), np.int64)
+        errors = np.empty((n, self.chunks))
         last = np.arange(CHUNK_AXES - 1, self.axes, CHUNK_AXES)
-        return QuantizedQueries(_aligned(2 * quantized), np.cumsum(integers**2, axis=1)[:, last],
-                                errors)
+        for start in range(0, n, QUANTIZE_ROWS):
+            part, errors[start:start + QUANTIZE_ROWS] = self._quantize(
+                projected[start:start + QUANTIZE_ROWS])
+            doubled[start:start + len(part)] = 2 * part
+            norms[start:start + len(part)] = np.cumsum(part.astype(np.int64)**2, axis=1)[:, last]
+        return QuantizedQueries(doubled, norms, errors)
 
     def list_minima(self, queries: QuantizedQueries, run: Map, parts: int) -> np.ndarray:
         """Each list's smallest integer distance [lists, n] to each query on the first
