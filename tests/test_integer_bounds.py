@@ -40,8 +40,11 @@ def test_pixel_distances_are_numpys_integers(name: str, monkeypatch) -> None:
         space = vector_space(train)
         np.testing.assert_array_equal(found, space.brute_force(queries, rows))
         assert (found[rows < 0] == space.missing).all()
-    with pytest.raises(ValueError, match="past the 300 training rows"):
+    with pytest.raises(ValueError, match="rows up to 300 for queries"):
         space_module._compiled_distances(train, queries, np.full((20, 2), 300))
+    wider = np.zeros((20, train.shape[1] + 1), np.uint8)  # a shape the kernel would overrun
+    with pytest.raises(ValueError, match=r"for queries \(20, 2\)"):
+        space_module._compiled_distances(train, wider, np.zeros((20, 2), np.int64))
 
 
 def integer_case(name: str, dimension: int = 64, seed: int = 5):
@@ -84,6 +87,9 @@ def test_list_minima_and_nearest_are_numpys(name: str) -> None:
             kept = found[i][found[i] >= 0]
             assert len(kept) == min(width, len(pool)) and np.isin(kept, pool).all()
             np.testing.assert_array_equal(np.sort(on_all[i, kept]), expected)
+    for width, axes, lists in ((257, 64, best), (7, 24, best), (7, 64, best + 5)):
+        with pytest.raises(ValueError):  # never past the kernel's buffers
+            layout.nearest(quantized, lists, width, axes, map, parts=1)
 
 
 @pytest.mark.parametrize("name", AVAILABLE)

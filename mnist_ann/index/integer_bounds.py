@@ -155,7 +155,12 @@ class IntegerLayout:
         """Training rows [n, width] (-1 past the end) nearest each query in integer distance on
         the first `axes` axes, among the rows of its lists `best` [n, F]."""
         n = len(queries.doubled)
+        if not 1 <= width <= MAX_WIDTH or not 0 < axes <= self.axes or axes % CHUNK_AXES:
+            raise ValueError(f"the kernel keeps 1 to {MAX_WIDTH} rows on whole chunks of "
+                             f"{CHUNK_AXES} axes up to {self.axes}, not {width} on {axes}")
         best = np.ascontiguousarray(best, dtype=np.int32)
+        if best.shape[0] != n or best.min() < 0 or best.max() >= len(self):
+            raise ValueError(f"best lists {best.shape} for {n} queries over {len(self)} lists")
         positions = np.empty((n, width), np.int32)
 
         def part(j: int) -> None:

@@ -90,8 +90,9 @@ def _compiled_distances(train: np.ndarray, queries: np.ndarray,
         return None
     train, queries = np.ascontiguousarray(train), np.ascontiguousarray(queries)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    if rows.max() >= len(train):
-        raise ValueError(f"row {rows.max()} is past the {len(train)} training rows")
+    if rows.max() >= len(train) or queries.shape != (len(rows), train.shape[1]):
+        raise ValueError(f"{len(rows)} lists of rows up to {rows.max()} for queries "
+                         f"{queries.shape} over training rows {train.shape}")
     result = np.empty(rows.shape, np.int64)
     compiled.pixel_distances(train.ctypes.data, train.shape[1], queries.ctypes.data,
                              rows.ctypes.data, rows.shape[1], 0, len(queries),
