@@ -31,7 +31,8 @@ CHUNK_AXES = 16  # the kernels' stops are whole chunks of 16 axes
 MINIMA_AXES = 32  # list_maxima bounds the first 32 axes (MAXIMA_CHUNKS in _kernels.c)
 MAX_WIDTH = 256  # nearest_in_lists keeps at most this many rows a query (_kernels.c)
 ALIGNMENT = 64  # AVX-512 loads
-PADDING_NORM = 1 << 29  # a padding row's -|x|²: never within reach of a limit
+# a padding row's -|x|²: below any real row's on 32 axes (where else found, dropped)
+PADDING_NORM = 1 << 29
 THRESHOLD_SLACK = 1e-9  # relative, on the float64 arithmetic of the thresholds
 QUANTIZE_ROWS = 2048  # rows quantized at a time (float64 copies): bounded, and few pages to map
 
