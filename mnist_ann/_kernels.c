@@ -5,11 +5,12 @@ between uint8 pixel vectors, and the certified search's integer lower bounds
 Every function has an AVX-512 VNNI version and a portable one with the same integer results;
 the caller picks (mnist_ann_vnni_supported). ctypes releases the GIL while they run.
 
-The bounds: training rows, quantized to int16, lie in blocks of 16 rows. A block holds G = D/2 groups of 64
-bytes: group g is axes 2g and 2g+1 of its 16 rows (row r at bytes 4r..4r+3), so that one
-AVX-512 VNNI instruction (vpdpwssd) adds two axes of a query's dot product with 16 rows. Beside
-each block, per 16-axis chunk c, `negn` holds 16 int32: -|x_c|² of each row (a padding row: 0
-and a large negative number in chunk 0). Queries come doubled, q2 = 2q (int16, D per query).
+The bounds: training rows, quantized to int16, lie in blocks of 16 rows. A block holds G = D/2
+groups of 64 bytes: group g is axes 2g and 2g+1 of its 16 rows (row r at bytes 4r..4r+3), so
+that one AVX-512 VNNI instruction (vpdpwssd) adds two axes of a query's dot product with 16
+rows. Beside each block, per 16-axis chunk c, `negn` holds 16 int32: -|x_c|² of each row (a
+padding row: 0, and a large negative number in chunk 0). Queries come doubled, q2 = 2q (int16,
+D per query).
 
 Over the first m axes, acc = 2 x·q - |x|², so |q - x|² = |q|² - acc, exactly, in integers. */
 #define PY_SSIZE_T_CLEAN
@@ -167,7 +168,8 @@ VNNI void pixel_distances_vnni(const uint8_t *train, int64_t d, const uint8_t *q
       /* the rows are scattered: ask for a later one's bytes while this one is summed */
       const int64_t ahead = c + PREFETCH_AHEAD < width ? rows[i * width + c + PREFETCH_AHEAD] : -1;
       if (ahead >= 0)
-        for (int64_t a = 0; a < d; a += 64) _mm_prefetch((const char *)(train + ahead * d + a), _MM_HINT_T0);
+        for (int64_t a = 0; a < d; a += 64)
+          _mm_prefetch((const char *)(train + ahead * d + a), _MM_HINT_T0);
       __m512i acc = _mm512_setzero_si512();
       int64_t a = 0;
       for (; a + 32 <= d; a += 32) {  /* 32 pixels as int16, squared and summed in pairs */
@@ -193,7 +195,8 @@ VNNI void list_maxima_vnni(const int16_t *rows, const int32_t *negn, int G, cons
   for (int i0 = q0; i0 < q1; i0 += TILE) {
     const int nq = q1 - i0 < TILE ? q1 - i0 : TILE;
     const int32_t *qp[TILE];
-    for (int t = 0; t < TILE; t++) qp[t] = (const int32_t *)(q2 + (int64_t)(i0 + (t < nq ? t : 0)) * D);
+    for (int t = 0; t < TILE; t++)  /* a short last tile repeats its first query */
+      qp[t] = (const int32_t *)(q2 + (int64_t)(i0 + (t < nq ? t : 0)) * D);
     for (int l = 0; l < L; l++) {
       __m512i mx[TILE];
       for (int t = 0; t < TILE; t++) mx[t] = _mm512_set1_epi32(INT32_MIN);
@@ -255,7 +258,8 @@ VNNI void nearest_in_lists_vnni(const int16_t *rows, const int32_t *negn, int G,
           filled = keep_largest(vals, pos, filled, width, lanes[r], (int32_t)(b * 16 + r));
           if (filled == width) {
             floor_value = vals[0];
-            for (int w = 1; w < width; w++) floor_value = vals[w] < floor_value ? vals[w] : floor_value;
+            for (int w = 1; w < width; w++)
+              floor_value = vals[w] < floor_value ? vals[w] : floor_value;
           }
         }
       }
