@@ -48,11 +48,17 @@ def describe_machine() -> dict:
     from mnist_ann.kernels import kernels
 
     compiled = kernels()
+    if compiled is not None:
+        used = compiled.name
+    elif kernels("portable") is not None:
+        used = "none (no AVX-512 VNNI: FAISS instead)"
+    else:
+        used = "none (not built: FAISS instead)"
     return {"cpu": cpu_model(), "cores": default_threads(), "python": platform.python_version(),
             "numpy": np.__version__, "blas": blas_description(),
             "scikit-learn": sklearn.__version__, "faiss": faiss.__version__,
             "faiss_simd": simd_level(),
-            "kernels": compiled.name if compiled is not None else "none (not built)"}
+            "kernels": used}
 
 
 def peak_memory_mb() -> float:

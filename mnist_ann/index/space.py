@@ -83,8 +83,8 @@ def _integer_distances(train: np.ndarray, queries: np.ndarray, rows: np.ndarray)
 def _compiled_distances(train: np.ndarray, queries: np.ndarray,
                         rows: np.ndarray) -> np.ndarray | None:
     """Exact squared distances [n, c] between uint8 rows and queries by the compiled kernel
-    (about 10 times FAISS's float32 sums here, reading a quarter of the bytes), MISSING where
-    a row is -1; None without the kernels."""
+    (reading a quarter of the bytes of FAISS's float32 sums: 0.06 s against 0.10 s for 896,000
+    seed pairs on one thread), MISSING where a row is -1; None without the kernels."""
     compiled = kernels()
     if compiled is None or train.shape[1] > MAX_KERNEL_DIMENSION or not rows.size:
         return None
