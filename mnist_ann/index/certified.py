@@ -424,17 +424,24 @@ def rows_within(layout: Lists, needed: np.ndarray, extended: np.ndarray, radius:
     indexes = layout.indexes(0, components, extra=True)
 
     def within(j: int) -> list:
-        asked = np.flatnonzero(needed[j])
-        if skip is not None:
-            asked = asked[~skip[asked]]
-        step = max(1, CALL_CELLS // int(layout.sizes[j]))
-        for start in range(0, len(asked), step):
-            part = asked[start:start + step]
+        for part in asked_in_parts(layout, needed, j, skip):
             limits, _, local = indexes[j].range_search(extended[part], radius)
             found(part, np.diff(limits.astype(np.int64)), layout.members[j][local])
         return []
 
     each_list(run, len(layout), within)
+
+
+def asked_in_parts(layout: Lists, needed: np.ndarray, j: int,
+                   skip: np.ndarray | None) -> Iterator[np.ndarray]:
+    """The queries list j is asked for in step 4 (in play, not marked in `skip`), at most
+    CALL_CELLS (query, row) pairs' worth at a time."""
+    asked = np.flatnonzero(needed[j])
+    if skip is not None:
+        asked = asked[~skip[asked]]
+    step = max(1, CALL_CELLS // int(layout.sizes[j]))
+    for start in range(0, len(asked), step):
+        yield asked[start:start + step]
 
 
 class FloatSteps:
@@ -506,12 +513,9 @@ class IntegerSteps:
 
     def seek(self, needed: np.ndarray, run: Map, found: Found, skip: np.ndarray) -> None:
         def within(j: int) -> list:
-            asked = np.flatnonzero(needed[j])
-            asked = asked[~skip[asked]]
-            step = max(1, CALL_CELLS // int(self.layout.sizes[j]))
-            for start in range(0, len(asked), step):
-                query_of, rows = self.integer.within(j, self.queries, asked[start:start + step],
-                                                     self.limits, self.stops)
+            for part in asked_in_parts(self.layout, needed, j, skip):
+                query_of, rows = self.integer.within(j, self.queries, part, self.limits,
+                                                     self.stops)
                 if len(rows):  # grouped by query, in order
                     firsts = np.flatnonzero(np.diff(query_of, prepend=-1))
                     found(query_of[firsts], np.diff(firsts, append=len(rows)), rows)

@@ -79,6 +79,7 @@ class IntegerLayout:
         self.axes = -(-dimension // CHUNK_AXES) * CHUNK_AXES  # zero axes change no distance
         self.chunks = self.axes // CHUNK_AXES
         self.groups = self.axes // 2
+        self.chunk_ends = np.arange(CHUNK_AXES - 1, self.axes, CHUNK_AXES)  # last axis of each
         self.largest = largest_value(self.axes)
         largest = max(float(projected.max(initial=0)), -float(projected.min(initial=0)))
         self.scale = largest / self.largest or 1.0
@@ -113,8 +114,8 @@ class IntegerLayout:
         wide = np.zeros((len(projected), self.axes), np.float64)
         wide[:, :projected.shape[1]] = projected
         quantized = np.clip(np.rint(wide / self.scale), -self.largest, self.largest)
-        last = np.arange(CHUNK_AXES - 1, self.axes, CHUNK_AXES)
-        errors = np.sqrt(np.cumsum((wide - quantized * self.scale) ** 2, axis=1)[:, last])
+        errors = np.sqrt(np.cumsum((wide - quantized * self.scale) ** 2,
+                                   axis=1)[:, self.chunk_ends])
         return quantized.astype(np.int16), errors
 
     def __len__(self) -> int:
@@ -126,12 +127,12 @@ class IntegerLayout:
         doubled = _aligned(np.zeros((n, self.axes), np.int16))
         norms = np.empty((n, self.chunks), np.int64)
         errors = np.empty((n, self.chunks))
-        last = np.arange(CHUNK_AXES - 1, self.axes, CHUNK_AXES)
         for start in range(0, n, QUANTIZE_ROWS):
             part, errors[start:start + QUANTIZE_ROWS] = self._quantize(
                 projected[start:start + QUANTIZE_ROWS])
             doubled[start:start + len(part)] = 2 * part
-            norms[start:start + len(part)] = np.cumsum(part.astype(np.int64)**2, axis=1)[:, last]
+            norms[start:start + len(part)] = np.cumsum(part.astype(np.int64)**2,
+                                                         axis=1)[:, self.chunk_ends]
         return QuantizedQueries(doubled, norms, errors)
 
     def list_minima(self, queries: QuantizedQueries, run: Map, parts: int) -> np.ndarray:
